@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch.utils.checkpoint import checkpoint
 
 from tokenformer_dist.config import ModelConfig
@@ -72,6 +73,8 @@ class TokenFormer(torch.nn.Module):
         )
         self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model,
                                                 init_method=torch.nn.init.zeros_, config=mp_config)
+        if not hasattr(self.embedding.weight, "tensor_model_parallel"):  # megatron sets it only when it inits
+            set_tensor_model_parallel_attributes(self.embedding.weight, is_parallel=True, dim=0, stride=1)
         self.blocks = torch.nn.ModuleList(TokenFormerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = torch.nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.init_master(seed)
