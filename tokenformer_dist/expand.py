@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,7 @@ def token_counts(cfg: Config) -> dict[str, int]:
 def with_counts(cfg: Config, counts: dict[str, int], tp: int, source: str) -> Config:
     model = dataclasses.replace(cfg.model, qkv_tokens=counts["qkv"], proj_tokens=counts["proj"],
                                 ffn_tokens=counts["ffn"])
-    out = dataclasses.replace(cfg, model=model, parallel=dataclasses.replace(cfg.parallel, tp=tp),
-                              source=source)
-    return validate(out)
+    return dataclasses.replace(cfg, model=model, parallel=dataclasses.replace(cfg.parallel, tp=tp), source=source)
 
 
 def parse_tokens(spec: str) -> dict[str, int]:
@@ -142,9 +141,31 @@ class Growth:
         return torch.cat([full, rows.to(full.dtype)])
 
 
+def check_rank_files(ckpt_dir: Path, tp: int) -> None:
+    """A one-line error naming the file when a rank's weights file is missing, truncated or not safetensors."""
+    for r in range(tp):
+        path = rank_file(ckpt_dir, r)
+        if not path.is_file():
+            raise ValueError(f"{path}: missing checkpoint shard (the checkpoint was written at tp={tp})")
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_len)) if 0 < header_len < size else None
+        except (struct.error, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file, or its header is truncated")
+        end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                                   default=0)
+        if size < end:
+            raise ValueError(f"{path}: truncated checkpoint shard ({size} of {end} bytes)")
+
+
 def full_specs(ckpt_dir: Path) -> list[tuple[str, tuple[int, ...]]]:
     """(name, full shape) of every weight in a checkpoint, read from the safetensors headers only."""
     tp = checkpoint_tp(ckpt_dir)
+    check_rank_files(ckpt_dir, tp)
     specs = []
     with safe_open(str(rank_file(ckpt_dir, 0)), framework="pt") as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -170,8 +191,8 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
     src_dir = resolve_checkpoint(src)
     src_cfg = read_config(src_dir)
     target = dataclasses.replace(target, parallel=dataclasses.replace(target.parallel, tp=tp))
-    validate(target)
     check_target(src_cfg, target, init)
+    validate(target)
     m = src_cfg.model
     growth = Growth(token_counts(src_cfg), token_counts(target), init, seed, m.init_std,
                     value_init_std(m.n_layers, m.d_model))
