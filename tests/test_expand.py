@@ -86,7 +86,8 @@ def _cli():
 @pytest.mark.parametrize("args, needle", [
     (["--tp", "3", "--grow", "1"], "not divisible by parallel.tp=3; nearest valid"),
     (["--tp", "2", "--tokens", "qkv=63,proj=64,ffn=256"], "qkv_tokens=63 is fewer than the checkpoint's 64"),
-    (["--tp", "4", "--tokens", "qkv=66,proj=64,ffn=256"], "qkv_tokens=66 is not divisible by parallel.tp=4; nearest valid: 64 or 68"),
+    (["--tp", "4", "--tokens", "qkv=66,proj=64,ffn=256"],
+     "qkv_tokens=66 is not divisible by parallel.tp=4; nearest valid: 64 or 68"),
     (["--tp", "2", "--tokens", "qkv=64"], "give all of qkv=N,proj=N,ffn=N"),
     (["--tp", "2", "--config", str(REPO / "configs" / "owt_124m.yaml")], "differs from the checkpoint's"),
     (["--tp", "0", "--grow", "2"], "--tp 0: must be a positive integer"),

@@ -3,11 +3,21 @@
 The math lives in `pattention()`; `Pattention` (one device) and `ShardedPattention` (parameter tokens
 sharded over tensor-parallel ranks) both call it. With TP the only extra communication inside the math is
 one all-reduce of a [tokens, 1] fp32 tensor: Θ normalizes over all n parameter tokens, not the local n/tp.
+
+Two implementations of the same function (`impl`):
+  "lean"      (default for training) — `lean.lean_pattention`, a torch.autograd.Function that keeps one
+              [tokens, n] tensor for backward and recomputes the elementwise parts;
+  "reference" — `reference_pattention`, plain autograd through `normalize_scores`: the readable math and
+              what the tests compare the lean path against.
+A module takes `impl=` at construction (None: the process default, from `set_default_impl()` or the
+environment variable TOKENFORMER_PATTENTION_IMPL, else "lean"); `set_impl(model, impl)` switches a built
+model. The choice is independent of ModelConfig.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -16,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from tokenformer_dist.model.init import master_normal
+from tokenformer_dist.model.lean import lean_pattention
 from tokenformer_dist.model.mappings import all_reduce_max_no_grad, all_reduce_sum_both_ways
 from tokenformer_dist.parallel import shard_range
 
@@ -32,28 +43,74 @@ def normalize_scores(scores: torch.Tensor, tau: float | torch.Tensor, norm: str,
 
     l2_norm_gelu: GeLU(A / ‖A‖₂ · τ)   gelu_l2_norm: GeLU(A) / ‖GeLU(A)‖₂ · τ   softmax: softmax(A) · τ²
     τ = √n of the layer when it was created (the official code uses √n of the current n), so that appending
-    tokens later leaves the function unchanged. Norms and sums are global over `group` and taken in fp32.
+    tokens later leaves the function unchanged. Norms and sums are global over `group` and taken in fp32
+    (fp64 for fp64 scores).
     """
+    acc = torch.promote_types(scores.dtype, torch.float32)
     if norm == "l2_norm_gelu":
-        sum_sq = all_reduce_sum_both_ways(scores.float().square().sum(-1, keepdim=True), group)
+        sum_sq = all_reduce_sum_both_ways(scores.to(acc).square().sum(-1, keepdim=True), group)
         return F.gelu(scores * (tau * _inverse_norm(sum_sq)).to(scores.dtype))
     if norm == "gelu_l2_norm":
         act = F.gelu(scores)
-        sum_sq = all_reduce_sum_both_ways(act.float().square().sum(-1, keepdim=True), group)
+        sum_sq = all_reduce_sum_both_ways(act.to(acc).square().sum(-1, keepdim=True), group)
         return act * (tau * _inverse_norm(sum_sq)).to(act.dtype)
     if norm == "softmax":
         shift = all_reduce_max_no_grad(scores.amax(-1, keepdim=True), group)
         exp = torch.exp(scores - shift)
-        total = all_reduce_sum_both_ways(exp.float().sum(-1, keepdim=True), group)
+        total = all_reduce_sum_both_ways(exp.to(acc).sum(-1, keepdim=True), group)
         return exp * (tau * tau / total).to(exp.dtype)
     raise ValueError(f"unknown Pattention normalization {norm!r}; valid: l2_norm_gelu, gelu_l2_norm, softmax")
 
 
-def pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float | torch.Tensor,
-               norm: str = "l2_norm_gelu", group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Θ(x·Kᵀ)·V. With `group`, keys/values are this rank's rows and the result is this rank's partial sum
-    (the caller reduces it: all-reduce, or reduce-scatter onto attention partitions)."""
+IMPLS = ("lean", "reference")
+IMPL_ENV = "TOKENFORMER_PATTENTION_IMPL"
+_default_impl: str | None = None  # set_default_impl() override; None: environment, else "lean"
+
+
+def check_impl(impl: str, source: str = "impl") -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{source}: unknown Pattention implementation {impl!r}; valid: {', '.join(IMPLS)}")
+    return impl
+
+
+def get_default_impl() -> str:
+    if _default_impl is not None:
+        return _default_impl
+    return check_impl(os.environ.get(IMPL_ENV, "lean"), f"environment variable {IMPL_ENV}")
+
+
+def set_default_impl(impl: str | None) -> str | None:
+    """Set the implementation that modules built from now on use (None: back to the environment/"lean").
+    Returns the previous override."""
+    global _default_impl
+    previous, _default_impl = _default_impl, (None if impl is None else check_impl(impl))
+    return previous
+
+
+def set_impl(module: torch.nn.Module, impl: str) -> None:
+    """Switch every Pattention inside `module` (a built model) to `impl`."""
+    check_impl(impl)
+    for m in module.modules():
+        if isinstance(m, _PattentionBase):
+            m.impl = impl
+
+
+def reference_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         tau: float | torch.Tensor, norm: str = "l2_norm_gelu",
+                         group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Θ(x·Kᵀ)·V through plain autograd (keeps A, the scaled scores and Θ(A) for backward)."""
     return normalize_scores(x @ keys.t(), tau, norm, group) @ values
+
+
+def pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float | torch.Tensor,
+               norm: str = "l2_norm_gelu", group: dist.ProcessGroup | None = None,
+               impl: str | None = None) -> torch.Tensor:
+    """Θ(x·Kᵀ)·V. With `group`, keys/values are this rank's rows and the result is this rank's partial sum
+    (the caller reduces it: all-reduce, or reduce-scatter onto attention partitions).
+    `impl`: "lean" or "reference" (None: `get_default_impl()`); both compute the same function."""
+    if check_impl(impl or get_default_impl()) == "lean":
+        return lean_pattention(x, keys, values, tau, norm, group)
+    return reference_pattention(x, keys, values, tau, norm, group)
 
 
 class _PattentionBase(torch.nn.Module):
@@ -62,9 +119,10 @@ class _PattentionBase(torch.nn.Module):
     tau: torch.Tensor
 
     def __init__(self, d_in: int, d_out: int, n_tokens: int, n_local: int, norm: str,
-                 tau: float | None) -> None:
+                 tau: float | None, impl: str | None = None) -> None:
         super().__init__()
         self.d_in, self.d_out, self.n_tokens, self.norm = d_in, d_out, n_tokens, norm
+        self.impl = check_impl(impl) if impl is not None else get_default_impl()  # fixed at construction
         self.key_tokens = torch.nn.Parameter(torch.zeros(n_local, d_in))
         self.value_tokens = torch.nn.Parameter(torch.zeros(n_local, d_out))
         self.register_buffer("tau", torch.tensor(math.sqrt(n_tokens) if tau is None else tau,
@@ -77,18 +135,19 @@ class _PattentionBase(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, n_tokens={self.n_tokens}, "
-                f"n_local={self.key_tokens.shape[0]}, norm={self.norm}, tau={float(self.tau):.4f}")
+                f"n_local={self.key_tokens.shape[0]}, norm={self.norm}, tau={float(self.tau):.4f}, "
+                f"impl={self.impl}")
 
 
 class Pattention(_PattentionBase):
     """Single-device Pattention: key tokens [n, d_in], value tokens [n, d_out], no bias."""
 
     def __init__(self, d_in: int, d_out: int, n_tokens: int, norm: str = "l2_norm_gelu",
-                 tau: float | None = None) -> None:
-        super().__init__(d_in, d_out, n_tokens, n_tokens, norm, tau)
+                 tau: float | None = None, impl: str | None = None) -> None:
+        super().__init__(d_in, d_out, n_tokens, n_tokens, norm, tau, impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm)
+        return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, impl=self.impl)
 
 
 class ShardedPattention(_PattentionBase):
@@ -102,18 +161,18 @@ class ShardedPattention(_PattentionBase):
     """
 
     def __init__(self, d_in: int, d_out: int, n_tokens: int, norm: str = "l2_norm_gelu",
-                 tau: float | None = None) -> None:
+                 tau: float | None = None, impl: str | None = None) -> None:
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         if n_tokens % self.tp_size:
             raise ValueError(f"{n_tokens} parameter tokens cannot be sharded over tp={self.tp_size}")
-        super().__init__(d_in, d_out, n_tokens, n_tokens // self.tp_size, norm, tau)
+        super().__init__(d_in, d_out, n_tokens, n_tokens // self.tp_size, norm, tau, impl)
         for p in (self.key_tokens, self.value_tokens):
             set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None
-        return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, group)
+        return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, group, self.impl)
 
     @torch.no_grad()
     def init_master(self, name: str, key_std: float, value_std: float, seed: int) -> None:

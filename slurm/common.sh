@@ -1,0 +1,132 @@
+# shellcheck shell=bash
+# Shared body of slurm/pretrain_*.sh: check the allocation, start one trainer rank per GPU (one per task on
+# CPU nodes) with srun, rendezvous on the first node, and requeue the job when Slurm warns that the time
+# limit is near. Sourced by a stage script that sets the CONFIG and RUN_DIR defaults; see docs/slurm.md.
+#
+# Environment (all optional; relative paths are relative to REPO):
+#   CONFIG RUN_DIR DATA INIT_FROM TP   what to train: config, run dir, dataset, initial weights, TP degree
+#   NODES GPUS_PER_NODE TASKS_PER_NODE how many ranks to start; default: what sbatch allocated
+#   REPO (default: the submit dir)  PYTHON (default: $REPO/.venv/bin/python)  CPUS_PER_TASK
+# Arguments after the script name go to the trainer, e.g. `--steps 100 --set train.save_every=50`.
+
+set -euo pipefail
+
+die() { echo "slurm: error: $*" >&2; exit 2; }
+log() { echo "slurm[$(date +%H:%M:%S)] $*"; }
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+[[ -n "${SLURM_JOB_ID:-}" ]] || die "submit this script with sbatch (SLURM_JOB_ID is not set)"
+REPO="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
+[[ -f "$REPO/tokenformer_dist/__init__.py" ]] ||
+  die "REPO=$REPO is not a tokenformer-dist checkout; submit from the repository root or set REPO"
+cd "$REPO"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable; set PYTHON to the project's python"
+[[ -f "${CONFIG:?}" ]] || die "CONFIG=$CONFIG: no such config file (valid: a YAML file such as configs/tiny.yaml)"
+[[ -n "${RUN_DIR:-}" ]] || die "RUN_DIR is empty; set it to the run directory"
+[[ -z "${DATA:-}" || -d "$DATA" ]] || die "DATA=$DATA: no such dataset directory (build one with data_prep/build.py)"
+
+# --- ranks: one per GPU; on CPU nodes (GPUS_PER_NODE=0) one per allocated task ---------------------------
+NODES="${NODES:-$SLURM_JOB_NUM_NODES}"
+alloc_gpus="${SLURM_GPUS_PER_NODE:-0}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-${alloc_gpus##*:}}"  # SLURM_GPUS_PER_NODE may read "a100:8"
+if [[ -z "${TASKS_PER_NODE:-}" ]]; then
+  if is_int "$GPUS_PER_NODE" && ((GPUS_PER_NODE > 0)); then
+    TASKS_PER_NODE="$GPUS_PER_NODE"
+  else
+    TASKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}"
+  fi
+fi
+for v in NODES GPUS_PER_NODE TASKS_PER_NODE; do
+  is_int "${!v}" || die "$v=${!v} is not a non-negative integer"
+done
+((NODES >= 1 && NODES <= SLURM_JOB_NUM_NODES)) ||
+  die "NODES=$NODES but the job has $SLURM_JOB_NUM_NODES node(s); submit with sbatch --nodes=$NODES"
+((TASKS_PER_NODE >= 1)) || die "TASKS_PER_NODE=$TASKS_PER_NODE; valid: >= 1"
+if ((GPUS_PER_NODE > 0 && TASKS_PER_NODE != GPUS_PER_NODE)); then
+  die "TASKS_PER_NODE=$TASKS_PER_NODE but GPUS_PER_NODE=$GPUS_PER_NODE; the trainer runs one rank per GPU"
+fi
+WORLD=$((NODES * TASKS_PER_NODE))
+((WORLD <= SLURM_NTASKS)) ||
+  die "$NODES node(s) x $TASKS_PER_NODE task(s) = $WORLD ranks but the job has $SLURM_NTASKS tasks;" \
+    "submit with sbatch --nodes=$NODES --ntasks-per-node=$TASKS_PER_NODE"
+if [[ -n "${TP:-}" ]]; then
+  if ! is_int "$TP" || ((TP < 1 || WORLD % TP != 0)); then
+    die "TP=$TP does not divide the $WORLD ranks; valid: a divisor of it"
+  fi
+fi
+cpus_on_node="${SLURM_CPUS_ON_NODE:-$TASKS_PER_NODE}"
+CPUS_PER_TASK="${CPUS_PER_TASK:-$((cpus_on_node / TASKS_PER_NODE > 0 ? cpus_on_node / TASKS_PER_NODE : 1))}"
+
+# --- rendezvous on the first node; the port comes from the job id so two jobs can share a node ----------
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export MASTER_ADDR MASTER_PORT
+# a RANK/WORLD_SIZE inherited from the submitting shell would override SLURM_PROCID in the trainer
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
+
+# --- NCCL and threads (cluster-specific NCCL_SOCKET_IFNAME / NCCL_IB_HCA pass through from the env) ------
+# a dead peer fails the job instead of hanging it
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"          # long IB retries ride out transient fabric errors
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # megatron-core's TP setting
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"          # as torchrun does; CPU ranks share the node's cores
+
+# --- trainer command ---------------------------------------------------------------------------------------
+train=("$PYTHON" -m tokenformer_dist.train --config "$CONFIG" --run-dir "$RUN_DIR")
+[[ -z "${DATA:-}" ]] || train+=(--data "$DATA")
+[[ -z "${TP:-}" ]] || train+=(--tp "$TP")
+if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
+  log "resuming from $RUN_DIR/checkpoints/$(cat "$RUN_DIR/checkpoints/latest")${INIT_FROM:+ (INIT_FROM ignored)}"
+elif [[ -n "${INIT_FROM:-}" ]]; then
+  [[ -e "$INIT_FROM" ]] || die "INIT_FROM=$INIT_FROM: no such checkpoint"
+  train+=(--init-from "$INIT_FROM")
+fi
+train+=("$@")
+
+# Not --kill-on-bad-exit: after a preemption signal every rank exits 75 once the checkpoint is complete, and
+# killing the slower ranks when the first one exits would turn that into a failure. Instead --wait ends the
+# remaining ranks SRUN_WAIT seconds after the first one exits (a crashed rank's peers block in a collective).
+srun_args=(--nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --ntasks="$WORLD" --cpus-per-task="$CPUS_PER_TASK"
+  --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}")
+((GPUS_PER_NODE == 0)) || srun_args+=(--gpus-per-node="$GPUS_PER_NODE")
+
+log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $WORLD ranks ($NODES node(s) x $TASKS_PER_NODE," \
+  "GPUs/node $GPUS_PER_NODE), rendezvous $MASTER_ADDR:$MASTER_PORT"
+log "${train[*]}"
+
+# --- signals -----------------------------------------------------------------------------------------------
+# The trainer checkpoints on SIGTERM / SIGUSR1 and exits 75 (EXIT_PREEMPTED).
+# USR1 reaches only this shell (`#SBATCH --signal=B:USR1@...`: the time limit is near): pass it to the
+# ranks through srun; when they exit 75, requeue this job, which then resumes from the checkpoint.
+# TERM (scancel, `scontrol requeue`, preemption) is sent by Slurm to every process of the job, the ranks
+# included: the shell keeps waiting so that the ranks can finish their checkpoint (within KillWait), and
+# does not requeue (Slurm already requeues or cancels the job).
+EXIT_PREEMPTED=75
+got_term=0
+srun_pid=""
+# shellcheck disable=SC2317  # invoked by the trap
+on_usr1() {
+  log "SIGUSR1: time limit near; asking the trainer to checkpoint"
+  [[ -z "$srun_pid" ]] || kill -USR1 "$srun_pid" 2>/dev/null || true
+}
+trap on_usr1 USR1
+trap '((got_term)) || log "SIGTERM: waiting for the trainer to checkpoint and exit"; got_term=1' TERM
+
+srun "${srun_args[@]}" "${train[@]}" &
+srun_pid=$!
+rc=0
+while :; do
+  wait "$srun_pid" && rc=0 || rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break  # else a trapped signal interrupted `wait`: wait again
+done
+log "trainer exited with status $rc"
+
+if ((rc == EXIT_PREEMPTED && !got_term)); then
+  log "checkpoint saved; requeueing job $SLURM_JOB_ID"
+  got_term=1  # the requeue's own SIGTERM to this shell is expected
+  scontrol requeue "$SLURM_JOB_ID"
+  sleep 300  # Slurm ends this shell as part of the requeue
+fi
+exit "$rc"

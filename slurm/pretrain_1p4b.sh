@@ -1,0 +1,18 @@
+#!/bin/bash
+# TokenFormer OWT 1.4B: stage 4 of progressive scaling (INIT_FROM: the expanded 757M checkpoint).
+# N nodes x 8 GPUs, one rank per GPU, TP and ZeRO from the config. Submit from the repository root:
+#   sbatch slurm/pretrain_1p4b.sh [trainer args]          (env overrides and CPU use: docs/slurm.md)
+#SBATCH --job-name=tf-1p4b
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+CONFIG="${CONFIG:-configs/owt_1p4b.yaml}"
+RUN_DIR="${RUN_DIR:-runs/owt_1p4b}"
+# shellcheck source=slurm/common.sh
+source "${REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

@@ -1,0 +1,238 @@
+"""The Slurm scripts on a real one-node Slurm (tests/slurm_cluster.py): a tiny TP-2 job through
+slurm/pretrain_1p4b.sh, and a job that is requeued twice (by `scontrol requeue`, and by its own script on
+the time-limit signal) and resumes from its checkpoint each time. Skipped where Slurm is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.slurm_cluster import SlurmCluster
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "slurm"
+SCRIPTS = sorted(SLURM_DIR.glob("*.sh"))
+# one node, two CPU ranks (TP 2): how the multi-node GPU scripts are run here
+CPU_FLAGS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]  # > the 10-min USR1 lead
+TINY = ["--set", "train.log_every=1", "--set", "train.eval_every=100000", "--set", "train.eval_batches=1",
+        "--set", "train.save_every=100000"]
+
+
+def test_scripts_parse_and_pass_shellcheck() -> None:
+    assert {p.name for p in SCRIPTS} >= {"common.sh", "expand.sh", "progressive.sh", "pretrain_124m.sh",
+                                          "pretrain_354m.sh", "pretrain_757m.sh", "pretrain_1p4b.sh"}
+    for script in SCRIPTS:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+    if subprocess.run(["which", "shellcheck"], capture_output=True).returncode != 0:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    # from the repository root, where the scripts' `# shellcheck source=slurm/common.sh` resolves
+    proc = subprocess.run(["shellcheck", "-x", *[str(s.relative_to(REPO)) for s in SCRIPTS]],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SlurmCluster]:
+    c = SlurmCluster(cpus=4).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, cluster: SlurmCluster) -> Path:
+    """A small sample dataset (vocab 8192, what configs/tiny.yaml expects), built once for this module."""
+    out = tmp_path_factory.mktemp("slurm-data") / "data"
+    proc = subprocess.run([sys.executable, "data_prep/build.py", "--output", str(out), "--sample-mb", "1",
+                           "--workers", "0", "--no-progress"], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, f"data_prep/build.py failed:\n{proc.stderr[-3000:]}"
+    return out
+
+
+def _submit_tiny(cluster: SlurmCluster, tmp: Path, data: Path, steps: int) -> tuple[int, Path, Path]:
+    run_dir, out = tmp / "run", tmp / "job.out"
+    job = cluster.submit(SLURM_DIR / "pretrain_1p4b.sh", ["--steps", str(steps), *TINY],
+                         [*CPU_FLAGS, f"--output={out}"],
+                         env={"CONFIG": "configs/tiny.yaml", "TP": "2", "DATA": str(data),
+                              "RUN_DIR": str(run_dir), "PYTHON": sys.executable},
+                         cwd=REPO)
+    return job, run_dir, out
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [r for r in (json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()) if "loss" in r]
+
+
+def _wait_step(run_dir: Path, step: int, timeout: float, out: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["step"] >= step for r in _metrics(run_dir)):
+            return
+        time.sleep(0.2)
+    tail = out.read_text()[-4000:] if out.is_file() else "(no output)"
+    raise AssertionError(f"the trainer logged no step >= {step} within {timeout:.0f} s\n{tail}")
+
+
+def _check_finished(run_dir: Path, steps: int) -> list[dict]:
+    tag = f"step_{steps:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag
+    assert json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())["step"] == steps
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in records)
+    return records
+
+
+STEPS = 20  # ~0.2-0.3 s a step here: long enough to interrupt a running job twice
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cluster: SlurmCluster, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted reference job: tiny config, TP 2, one node, 2 CPU tasks, via pretrain_1p4b.sh."""
+    tmp = tmp_path_factory.mktemp("slurm-tiny")
+    job, run_dir, out = _submit_tiny(cluster, tmp, data_dir, STEPS)
+    info = cluster.wait_job(job, ["COMPLETED"], timeout=180, output=out)
+    return {"info": info, "run_dir": run_dir, "out": out}
+
+
+def test_pretrain_1p4b_script_runs_tiny_config_at_tp2(tiny_run: dict) -> None:
+    info, log = tiny_run["info"], tiny_run["out"].read_text()
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
+    assert "2 ranks (1 node(s) x 2, GPUs/node 0)" in log and "--tp 2" in log, log
+    records = _check_finished(tiny_run["run_dir"], STEPS)
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0  # it trained
+
+
+def test_requeued_job_resumes_from_its_checkpoint(cluster: SlurmCluster, data_dir: Path, tiny_run: dict,
+                                                  tmp_path: Path) -> None:
+    """Two interruptions of one job: `scontrol requeue` (Slurm sends SIGCONT + SIGTERM to every process of
+    the job), then SIGUSR1 to the batch shell only (what `--signal=B:USR1@600` sends before the time limit;
+    the script forwards it to the ranks and requeues the job itself). Each time the trainer checkpoints,
+    exits 75, and the restarted job resumes from that checkpoint: the metrics run 1..steps once, with the
+    losses of the uninterrupted job."""
+    steps = STEPS
+    job, run_dir, out = _submit_tiny(cluster, tmp_path, data_dir, steps)
+
+    # interruption 1: an operator's / the scheduler's requeue
+    _wait_step(run_dir, 2, timeout=120, out=out)
+    subprocess.run(["scontrol", "requeue", str(job)], env=cluster.env, check=True, timeout=30)
+    # interruption 2: the time-limit warning, to the batch shell only
+    cluster.wait_job(job, ["RUNNING"], timeout=120, restarts=1, output=out)
+    _wait_restart_progress(run_dir, out, restarts=1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True, timeout=30)
+
+    info = cluster.wait_job(job, ["COMPLETED"], timeout=240, restarts=2, output=out)
+    assert info["ExitCode"] == "0:0", info
+    log = out.read_text()
+    saved = [int(s) for s in re.findall(r"preempted: checkpoint saved at step (\d+)", log)]
+    resumed = [int(s) for s in re.findall(r"resuming from .*/checkpoints/step_(\d+)", log)]
+    assert len(saved) == 2 and saved == resumed and 0 < saved[0] < saved[1] < steps, log
+    assert "SIGTERM: waiting for the trainer" in log and "SIGUSR1: time limit near" in log, log
+    assert log.count("trainer exited with status 75") == 2 and "requeueing job" in log, log
+    assert log.count("restart 0:") == 1 and log.count("restart 1:") == 1 and log.count("restart 2:") == 1, log
+    resumed_losses = [r["loss"] for r in _check_finished(run_dir, steps)]
+    reference = [r["loss"] for r in _metrics(tiny_run["run_dir"])]
+    assert resumed_losses == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+def _wait_restart_progress(run_dir: Path, out: Path, restarts: int) -> None:
+    """Wait until the restarted trainer has logged a step past the checkpoint it resumed from."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        m = re.findall(r"resuming from .*/checkpoints/step_(\d+)", out.read_text() if out.is_file() else "")
+        if len(m) >= restarts:
+            _wait_step(run_dir, int(m[-1]) + 2, timeout=max(1.0, deadline - time.monotonic()), out=out)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job did not restart {restarts} time(s) within 120 s\n{out.read_text()[-4000:]}")
+
+
+@pytest.mark.parametrize(("env", "error"), [
+    ({"CONFIG": "configs/nope.yaml"},
+     "slurm: error: CONFIG=configs/nope.yaml: no such config file "
+     "(valid: a YAML file such as configs/tiny.yaml)"),
+    ({"NODES": "2"}, "slurm: error: NODES=2 but the job has 1 node(s); submit with sbatch --nodes=2"),
+    ({"TP": "3"}, "slurm: error: TP=3 does not divide the 2 ranks; valid: a divisor of it"),
+], ids=["config", "nodes", "tp"])
+def test_bad_settings_fail_the_job_with_one_line(cluster: SlurmCluster, tmp_path: Path, env: dict,
+                                                  error: str) -> None:
+    out = tmp_path / "job.out"
+    job = cluster.submit(SLURM_DIR / "pretrain_124m.sh", [], [*CPU_FLAGS, f"--output={out}"],
+                         env={"PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"), **env}, cwd=REPO)
+    info = cluster.wait_job(job, ["FAILED"], timeout=60, output=out)
+    assert info["ExitCode"] == "2:0" and out.read_text().strip() == error, out.read_text()
+
+
+def _progressive(cluster: SlurmCluster, env: dict[str, str], *args: str) -> dict[str, int]:
+    """Run slurm/progressive.sh; returns {"expand->354m": id, "354m": id, ...} from what it prints."""
+    proc = subprocess.run([str(SLURM_DIR / "progressive.sh"), *args], capture_output=True, text=True,
+                          env={**cluster.env, **env}, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = {}
+    for m in re.finditer(r"^(expand -> |stage )(\w+): job (\d+)", proc.stdout, re.M):
+        jobs[("expand->" if m[1].startswith("expand") else "") + m[2]] = int(m[3])
+    return jobs
+
+
+def test_progressive_submits_the_ladder_as_an_afterok_chain(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """All four OWT stages and the three expansions, submitted held (nothing runs): 7 jobs, each depending
+    on the one before it with afterok, each stage with its run dir, config and INIT_FROM."""
+    env = {"RUN_ROOT": str(tmp_path / "runs"), "SBATCH_ARGS": f"--hold --output={tmp_path}/%x-%j.out",
+           "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2"}  # this cluster has no GPUs
+    jobs = _progressive(cluster, env)
+    order = ["124m", "expand->354m", "354m", "expand->757m", "757m", "expand->1p4b", "1p4b"]
+    try:
+        assert list(jobs) == order, jobs
+        for prev, name in zip(order, order[1:], strict=False):
+            info = cluster.job(jobs[name])
+            assert info["Dependency"].startswith(f"afterok:{jobs[prev]}"), (name, info["Dependency"])
+        assert cluster.job(jobs["124m"])["Dependency"] == "(null)"
+        assert cluster.job(jobs["1p4b"])["Command"].endswith("slurm/pretrain_1p4b.sh")
+        assert cluster.job(jobs["expand->757m"])["Command"].endswith("slurm/expand.sh")
+    finally:
+        subprocess.run(["scancel", *map(str, jobs.values())], env=cluster.env, timeout=30)
+
+
+def test_progressive_stage_expands_and_trains_from_the_previous_stage(cluster: SlurmCluster, data_dir: Path,
+                                                                     tiny_run: dict, tmp_path: Path) -> None:
+    """One real step of the ladder on the tiny model: the finished tiny run plays stage 124m; the chain
+    runs the expand job (tools/expand_tokens.py: more tokens, exact init) and then stage 354m with
+    INIT_FROM, which starts from the trained weights (its first loss is far below a fresh model's)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "owt_124m").symlink_to(tiny_run["run_dir"])
+    grown = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    grown["model"].update(qkv_tokens=96, proj_tokens=96, ffn_tokens=384)
+    (tmp_path / "grown.yaml").write_text(yaml.safe_dump(grown))
+    env = {"RUN_ROOT": str(runs), "FROM_STAGE": "354m", "TO_STAGE": "354m",
+           "CONFIG_354M": str(tmp_path / "grown.yaml"), "DATA": str(data_dir), "PYTHON": sys.executable,
+           "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2", "TIME": "30",
+           "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out", "EXPAND_ARGS": "--no-progress"}
+    steps = 3
+    jobs = _progressive(cluster, env, "--steps", str(steps), *TINY)
+    assert list(jobs) == ["expand->354m", "354m"], jobs
+    out = tmp_path / f"tf-354m-{jobs['354m']}.out"
+    info = cluster.wait_job(jobs["354m"], ["COMPLETED"], timeout=180, output=out)
+    assert info["ExitCode"] == "0:0", info
+    init = runs / "owt_354m.init"
+    assert yaml.safe_load((init / "config.yaml").read_text())["model"]["qkv_tokens"] == 96
+    assert f"--init-from {init}" in out.read_text()
+    records = _check_finished(runs / "owt_354m", steps)
+    fresh_first = _metrics(tiny_run["run_dir"])[0]["loss"]
+    assert records[0]["loss"] < fresh_first - 1.0, (records[0]["loss"], fresh_first)

@@ -1,0 +1,197 @@
+"""Trainer on real gloo process groups and a real DeepSpeed engine (fp32, CPU).
+
+Launches (≈ 2 min on 2 cores): one 4-process launch (TP2×DP2 ZeRO 1/2/3), one 2-process launch (TP1×DP2
+reference, DP-change resume via a universal checkpoint, --init-from, an uninterrupted baseline), and four
+short 2-process launches for the kill / crash-in-save / preemption / finish sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.dist_scripts.train_helpers import (
+    build_sample,
+    launch_runs,
+    losses,
+    metrics,
+    start_train,
+    train_argv,
+    wait_for_step,
+    worker_pids,
+)
+from tokenformer_dist import checkpoint as ckpt_lib
+from tokenformer_dist.train import EXIT_PREEMPTED
+
+# below the tiny model's gradient norms, so every step is clipped: a wrong norm changes the losses
+CLIP = 0.05
+STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return build_sample(tmp_path_factory.mktemp("data") / "sample")
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    tp2 = [train_argv(data, root / f"tp2_z{z}", STEPS, tp=2, zero=z, **{"train.grad_clip": CLIP,
+                                                                         "train.save_every": 3,
+                                                                         "train.keep_last": 5})
+           for z in (1, 2, 3)]
+    launch_runs(4, tp2)
+    ref = train_argv(data, root / "tp1", STEPS, tp=1, zero=1,
+                     **{"train.grad_clip": CLIP, "train.keep_last": 1})
+    # DP change: the TP2×DP2 ZeRO-1 run's step-3 checkpoint resumed at TP2×DP1
+    # (micro 8 keeps the global batch)
+    moved = root / "tp2_dp1"
+    (moved / "checkpoints").mkdir(parents=True)
+    os.system(f"cp -r {root / 'tp2_z1' / 'checkpoints' / 'step_00000003'} {moved / 'checkpoints'}/")
+    (moved / "checkpoints" / "latest").write_text("step_00000003\n")
+    resume = train_argv(data, moved, STEPS, tp=2, zero=1, **{"train.grad_clip": CLIP,
+                                                             "train.micro_batch_size": 8})
+    init = train_argv(data, root / "init", 1, tp=2, zero=2, **{"train.lr": 1e-30, "train.min_lr": 0})
+    init += ["--init-from", str(root / "tp2_z1")]
+    launch_runs(2, [ref, resume, init])
+    return root
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_tp2_dp2_matches_tp1_dp2(runs, zero):
+    ref, got = metrics(runs / "tp1"), metrics(runs / f"tp2_z{zero}")
+    ref = [r for r in ref if "loss" in r]
+    got = [r for r in got if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) == [r["step"] for r in ref]
+    for a, b in zip(got, ref, strict=True):
+        assert b["grad_norm"] > CLIP  # clipping is active
+        assert rel(a["loss"], b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert rel(a["grad_norm"], b["grad_norm"]) <= 1e-5, (a["step"], a["grad_norm"], b["grad_norm"])
+        assert a["lr"] == b["lr"]
+    assert got[-1]["loss"] < got[0]["loss"]
+
+
+def test_metrics_and_checkpoint_layout(runs):
+    run = runs / "tp2_z1"
+    rec = metrics(run)[0]
+    for key in ("step", "loss", "lr", "tokens_per_s", "grad_norm", "flops_per_s", "mem_gb", "tokens"):
+        assert key in rec
+    assert any((run / "tb").iterdir())
+    root = run / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    ckpt = root / "step_00000006"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["step"], meta["tp"], meta["dp"], meta["zero_stage"]) == (6, 2, 2, 1)
+    assert meta["tokens"] == 6 * 4 * 2 * 64 and "loader" in meta
+    assert ckpt_lib.read_config(run).model.seq_len == 64
+    for f in ("config.yaml", "model_tp00.safetensors", "model_tp01.safetensors",
+              "mp_rank_00_model_states.pt"):
+        assert (ckpt / f).is_file(), f
+    assert not list(root.glob("*.partial"))
+    # keep_last=1 in the TP1 run: only the final checkpoint is left
+    assert sorted(p.name for p in (runs / "tp1" / "checkpoints").glob("step_*")) == ["step_00000006"]
+
+
+def test_resume_at_other_dp_size_via_universal(runs):
+    ref, got = losses(runs / "tp1"), losses(runs / "tp2_dp1")
+    assert (runs / "tp2_dp1" / "checkpoints" / "step_00000003" / "universal").is_dir()
+    assert sorted(got) == list(range(4, STEPS + 1))  # the copied run dir starts at the checkpoint
+    for step in range(4, STEPS + 1):
+        assert rel(got[step], ref[step]) <= 1e-5, (step, got[step], ref[step])
+    meta = ckpt_lib.read_meta(runs / "tp2_dp1" / "checkpoints" / "step_00000006")
+    assert (meta["dp"], meta["tokens"]) == (1, 6 * 8 * 64)
+
+
+def test_init_from_takes_weights_only(runs):
+    src = dict(ckpt_lib.iter_full_weights(runs / "tp2_z1"))
+    got = dict(ckpt_lib.iter_full_weights(runs / "init"))
+    assert src.keys() == got.keys()
+    for name, t in src.items():  # lr 1e-30: one step leaves the loaded weights as they were
+        torch.testing.assert_close(got[name], t, rtol=0, atol=1e-6, msg=name)
+    assert ckpt_lib.read_meta(ckpt_lib.resolve_checkpoint(runs / "init"))["step"] == 1  # fresh schedule
+
+
+def _run_until_end(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"run did not exit within {timeout} s")
+    return proc.returncode, time.monotonic() - t0
+
+
+def test_kill_crash_preempt_resume_is_bit_identical(data, tmp_path):
+    """kill -9 of one rank -> the other exits; crash inside a checkpoint write -> previous one is loaded;
+    SIGUSR1 -> checkpoint + exit 75; every restart resumes, and the whole loss sequence equals an
+    uninterrupted run's bit for bit."""
+    n = 40
+    sets = {"train.save_every": 5, "train.keep_last": 3}
+    base = tmp_path / "base"
+    launch_runs(2, [train_argv(data, base, n, tp=2, zero=2, **sets)])
+    run = tmp_path / "run"
+    argv = train_argv(data, run, n, tp=2, zero=2, **sets)
+
+    # 1. kill -9 one rank mid-training: the other must exit within 60 s (no hang)
+    proc = start_train(2, argv)
+    wait_for_step(proc, run, 8)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    rc, took = _run_until_end(proc, 90)
+    assert rc != 0 and took < 60, (rc, took)
+    first = ckpt_lib.latest_tag(run)
+    assert first is not None
+    resumed_at = int(first.split("_")[1])
+
+    # 2. crash (SIGKILL) inside the next checkpoint write: `latest` must keep pointing at the previous one
+    crash_step = resumed_at + 5
+    proc = start_train(2, argv, {"TOKENFORMER_DIST_FAULT": f"kill_during_save:{crash_step}:0"})
+    rc, took = _run_until_end(proc, 120)
+    out = proc.stdout.read()
+    assert rc != 0 and took < 90, (rc, out[-2000:])
+    assert f"resumed from {run / 'checkpoints' / first}" in out
+    assert ckpt_lib.latest_tag(run) == first
+    assert (run / "checkpoints" / f"step_{crash_step:08d}.partial").is_dir()  # the torn write, ignored
+
+    # 3. preemption: SIGUSR1 to one rank -> every rank saves at the step boundary, exit 75
+    proc = start_train(2, argv)
+    wait_for_step(proc, run, crash_step + 2)
+    os.kill(worker_pids(proc.pid)[0], signal.SIGUSR1)
+    rc, _ = _run_until_end(proc, 120)
+    out = proc.stdout.read()
+    assert f"resumed from {run / 'checkpoints' / first}" in out
+    assert rc != 0 and "exitcode  : 75" in out or rc == EXIT_PREEMPTED, (rc, out[-2000:])
+    preempt_tag = ckpt_lib.latest_tag(run)
+    assert preempt_tag is not None and int(preempt_tag.split("_")[1]) > crash_step
+
+    # 4. finish, then compare with the uninterrupted run bit for bit
+    launch_runs(2, [argv])
+    got, ref = losses(run), losses(base)
+    assert sorted(got) == list(range(1, n + 1)) == sorted(ref)
+    assert got == ref
+
+
+def test_evaluate_cli_matches_trainer_validation(runs, data):
+    """TP2×DP1 evaluation of the TP2 checkpoint == the TP1×DP2 trainer's own final validation loss."""
+    from tests.dist_scripts.train_helpers import env, torchrun_cmd
+
+    cmd = torchrun_cmd(2, "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "tp2_z1"),
+                       "--data", str(data), "--batches", "8", "--json")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    val = [r for r in metrics(runs / "tp1") if "val_loss" in r][-1]
+    assert val["step"] == STEPS and result["tokens"] == 8 * 4 * 64
+    assert rel(result["loss"], val["val_loss"]) <= 1e-5
+    bad = subprocess.run([*cmd[:1], "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "tp2_z1"),
+                          "--data", str(data), "--tp", "1"], capture_output=True, text=True, env=env())
+    assert bad.returncode == 2 and "tp=2" in bad.stderr and "--tp 1" in bad.stderr

@@ -1,0 +1,225 @@
+"""Trainer checkpoints: DeepSpeed's own files plus what this project needs to resume, reshard and evaluate.
+
+    RUN/checkpoints/<tag>/            tag = step_00000100
+        mp_rank_XX_model_states.pt, *_optim_states.pt   DeepSpeed (module, ZeRO partitions, client state)
+        model_tp{r:02d}.safetensors   fp32 MASTER weights of TP rank r (any ZeRO stage), tau buffers included
+        rng_rank{g:04d}.safetensors   torch RNG state of global rank g
+        config.yaml                   resolved config
+        meta.json                     step, tp, dp, zero_stage, tokens, loader state; written last
+        universal/                    (made on demand) DeepSpeed universal checkpoint, for a new DP size
+    RUN/checkpoints/latest            text: the tag of the newest COMPLETE checkpoint (atomic rename)
+
+A checkpoint is written as `<tag>.partial` and renamed only after every rank has finished; `latest` moves
+only after that, so a crash mid-write leaves the previous checkpoint as the one that is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tokenformer_dist.config import Config, load_config
+from tokenformer_dist.weights import (
+    CONFIG,
+    atomic_write_text,
+    is_tp_sharded,
+    is_weights_dir,
+    rank_file,
+    read_manifest,
+    write_rank_file,
+)
+
+LATEST = "latest"
+META = "meta.json"
+UNIVERSAL = "universal"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    f = checkpoints_dir(run_dir) / LATEST
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    return tag if (checkpoints_dir(run_dir) / tag / META).is_file() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir -> its latest complete checkpoint; a checkpoint dir or a weights dir -> itself."""
+    p = Path(path)
+    if (p / META).is_file() or is_weights_dir(p):
+        return p
+    if (p / "checkpoints").is_dir():
+        tag = latest_tag(p)
+        if tag is None:
+            raise ValueError(f"{p}: run directory has no complete checkpoint (no valid checkpoints/{LATEST})")
+        return checkpoints_dir(p) / tag
+    raise ValueError(f"{p}: not a run directory, a trainer checkpoint (with {META}) or a weights dir "
+                     f"(with manifest.json)")
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / META).read_text())
+
+
+def read_config(ckpt_dir: str | Path) -> Config:
+    """The resolved config saved with a checkpoint or weights dir (a run dir resolves to its latest)."""
+    return load_config(resolve_checkpoint(ckpt_dir) / CONFIG)
+
+
+def checkpoint_tp(ckpt_dir: str | Path) -> int:
+    d = Path(ckpt_dir)
+    return int(read_manifest(d)["tp"]) if is_weights_dir(d) else int(read_meta(d)["tp"])
+
+
+def iter_full_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full (unsharded) fp32 tensors by state_dict name, one at a time, from a checkpoint or weights dir.
+
+    TP-sharded tensors are concatenated along dim 0 over ranks; replicated ones (and tau buffers) come
+    from rank 0 once. safetensors memory-maps the files, so memory is bounded by the largest full tensor.
+    """
+    d = resolve_checkpoint(ckpt_dir)
+    tp = checkpoint_tp(d)
+    files = [rank_file(d, r) for r in range(tp)]
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"{f}: missing weights file (checkpoint written at tp={tp})")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    for name in handles[0].keys():  # noqa: SIM118 (safe_open is not a dict)
+        if is_tp_sharded(name):
+            full = torch.cat([h.get_tensor(name) for h in handles], dim=0)
+        else:
+            full = handles[0].get_tensor(name)
+        yield name, full.float()
+
+
+def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
+    """What deepspeed.checkpoint.ds_to_universal needs to merge TP slices (cat along dim 0 by default)."""
+    return {
+        "universal_checkpoint_version": 0.2,
+        "tp_replicated_parameter_patterns": [r"final_norm\.weight$", r"final_norm\.bias$"],
+        "vocabulary_parameter_patterns": [r"embedding\.weight$"],
+        "original_vocab_size": vocab_size,
+        "padded_vocab_size": vocab_size,
+    }
+
+
+def _full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
+    """This TP rank's whole fp32 master copy of `p` (collective over the DP group under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(p)
+    return (p.detach() if full is None else full).float()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, info: Any,
+                    meta_extra: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls. Writes RUN/checkpoints/<tag>, then moves `latest` to it."""
+    root = checkpoints_dir(run_dir)
+    tag = tag_for(step)
+    final, partial = root / tag, root / f"{tag}.partial"
+    if latest_tag(run_dir) == tag:
+        return final  # already saved (e.g. a run that resumed at its last step)
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in (partial, final):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=partial.name,
+                           client_state={"universal_checkpoint_info": universal_checkpoint_info(
+                               cfg.model.vocab_size)}, save_latest=False)
+    # fp32 master weights per TP rank: every rank joins the gathers, DP rank 0 writes.
+    module = engine.module
+    tensors = {name: _full_fp32_param(p) for name, p in module.named_parameters()}
+    tensors.update({name: b.detach().float() for name, b in module.named_buffers()})
+    ordered = {name: tensors[name] for name in module.state_dict()}
+    if info.dp_rank == 0:
+        write_rank_file(partial, info.tp_rank, ordered)
+    save_file({"cpu": torch.get_rng_state()}, str(partial / f"rng_rank{info.rank:04d}.safetensors"))
+    _fault_point("save", step, info.rank)
+    _barrier()
+    if info.is_main:
+        (partial / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        meta = {"step": step, "tp": info.tp_size, "dp": info.dp_size, "world_size": info.world_size,
+                "zero_stage": cfg.parallel.zero_stage, **meta_extra}
+        atomic_write_text(partial / META, json.dumps(meta, indent=1))
+        os.replace(partial, final)
+        atomic_write_text(root / LATEST, tag + "\n")
+        _prune(root, keep_last, keep=tag)
+    _barrier()
+    return final
+
+
+def _fault_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for the reliability tests: TOKENFORMER_DIST_FAULT=kill_during_save:STEP:RANK makes
+    that rank SIGKILL itself after its checkpoint files are written and before the checkpoint is committed."""
+    spec = os.environ.get("TOKENFORMER_DIST_FAULT", "")
+    if spec == f"kill_during_{where}:{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and not p.name.endswith(".partial"))
+    for old in tags[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def ensure_universal(ckpt_dir: Path, info: Any) -> Path:
+    """Convert a checkpoint to DeepSpeed's universal format once (rank 0), cached as <ckpt>/universal."""
+    out = ckpt_dir / UNIVERSAL
+    if info.is_main and not out.is_dir():
+        tmp = ckpt_dir / f"{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+            raise RuntimeError(f"{ckpt_dir}: ds_to_universal failed: {tail[0]}")
+        os.replace(tmp, out)
+    _barrier()
+    return out
+
+
+def load_rng(ckpt_dir: Path, rank: int) -> bool:
+    f = ckpt_dir / f"rng_rank{rank:04d}.safetensors"
+    if not f.is_file():
+        return False
+    torch.set_rng_state(load_file(str(f))["cpu"])
+    return True
+
+
+@torch.no_grad()
+def restore_buffers(module: torch.nn.Module, ckpt_dir: Path, tp_rank: int) -> None:
+    """Buffers (tau) from the checkpoint's weights file: DeepSpeed's universal load restores parameters only,
+    and tau may differ from its config default after a lossless expansion."""
+    with safe_open(str(rank_file(ckpt_dir, tp_rank if rank_file(ckpt_dir, tp_rank).is_file() else 0)),
+                   framework="pt") as f:
+        for name, buf in module.named_buffers():
+            buf.copy_(f.get_tensor(name))

@@ -1,0 +1,127 @@
+"""Validation loss over a dataset's val split.
+
+    torchrun --nproc_per_node N -m tokenformer_dist.evaluate --ckpt PATH --data DIR [--tp N] [--json]
+
+PATH: a run directory (its latest checkpoint), one trainer checkpoint, or a weights dir. With --json the
+last line is {"loss": ..., "ppl": ..., "tokens": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from tokenformer_dist.model import TokenFormer
+
+
+def _valid_batch(batch: int, n_heads: int, tp: int) -> int:
+    """Smallest batch >= `batch` whose (sequence, head) pairs split evenly over tp."""
+    while (batch * n_heads) % tp:
+        batch += 1
+    return batch
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: int,
+             max_batches: int | None = None, split: str = "val", progress: bool = False) -> dict[str, float]:
+    """Mean next-token loss over the first windows of `split` (collective over the whole world).
+
+    Windows are taken in file order, not shuffled; max_batches caps the GLOBAL number of windows at
+    max_batches·micro_batch, so the result does not depend on the DP size. DP rank r evaluates windows
+    r, r+dp, ...; TP ranks of one group evaluate the same windows. Returns loss, ppl, tokens.
+    """
+    from tokenformer_dist.data import TokenShards
+
+    shards = TokenShards(data_dir, split)
+    n = shards.n_windows(seq_len)
+    if max_batches is not None:
+        n = min(n, max_batches * micro_batch)
+    if n <= 0:
+        raise ValueError(f"{data_dir}: split {split!r} has no window of {seq_len + 1} tokens")
+    dp = parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1
+    dp_rank = parallel_state.get_data_parallel_rank() if dist.is_initialized() else 0
+    tp = parallel_state.get_tensor_model_parallel_world_size() if dist.is_initialized() else 1
+    n_heads = getattr(getattr(model, "cfg", None), "n_heads", 1)
+    mine = list(range(dp_rank, n, dp))
+    # every rank of a TP group must run the same number of batches of the same size
+    n_batches = math.ceil(math.ceil(n / dp) / micro_batch)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    bar = tqdm(range(n_batches), desc="eval", disable=not progress, leave=False)
+    for b in bar:
+        idx = mine[b * micro_batch:(b + 1) * micro_batch]
+        real = len(idx)
+        size = _valid_batch(max(real, 1), n_heads, tp)
+        rows = [shards.window(i, seq_len) for i in idx]
+        filler = shards.window(0, seq_len)
+        rows += [filler] * (size - real)  # padding rows, weighted 0 below
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+        logits = model(batch[:, :-1])
+        losses = TokenFormer.token_losses(logits, batch[:, 1:])  # [size, s] fp32
+        if real:
+            loss_sum += losses[:real].double().sum().cpu()
+            count += real * seq_len
+    model.train(was_training)
+    totals = torch.stack([loss_sum, count])
+    if dist.is_initialized() and dp > 1:
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    loss = (totals[0] / totals[1]).item()
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(totals[1].item())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenformer_dist.checkpoint import checkpoint_tp, read_config, resolve_checkpoint
+    from tokenformer_dist.parallel import destroy_distributed, init_distributed
+    from tokenformer_dist.weights import load_weights
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir")
+    parser.add_argument("--data", required=True, help="built dataset dir (uses its val split)")
+    parser.add_argument("--tp", type=int, default=None, help="TP degree (default: the checkpoint's)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
+    parser.add_argument("--batches", type=int, default=None, help="cap on micro-batches (default: all)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = resolve_checkpoint(args.ckpt)
+        cfg = read_config(ckpt)
+        tp = args.tp or checkpoint_tp(ckpt)
+        if tp != checkpoint_tp(ckpt):
+            raise ValueError(f"{ckpt}: written at tp={checkpoint_tp(ckpt)}, --tp {tp} given; "
+                             f"evaluate at --tp {checkpoint_tp(ckpt)}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = init_distributed(tp)
+    try:
+        model = TokenFormer(cfg.model, seed=cfg.train.seed).to(info.device)
+        load_weights(model, ckpt)
+        result = evaluate(model, args.data, cfg.model.seq_len, args.micro_batch or cfg.train.micro_batch_size,
+                          args.batches, split=args.split, progress=info.is_main)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        destroy_distributed()
+        return 2
+    if info.is_main:
+        print(f"{ckpt}: {args.split} loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  "
+              f"tokens {result['tokens']}")
+        if args.json:
+            print(json.dumps(result))
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

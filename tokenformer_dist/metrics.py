@@ -1,0 +1,79 @@
+"""Training metrics: FLOPs per token, peak device FLOP/s, and the metrics.jsonl + TensorBoard writer.
+
+FLOP convention (used for MFU and for the progressive-scaling experiment's cumulative FLOPs):
+  forward per token = Σ over Pattentions 2·n·(d_in + d_out)   (X·Kᵀ and Θ(·)·V)
+                    + per layer 4·s·d                          (Q·Kᵀ and A·V, the FULL s×s square — the
+                                                                 PaLM/Megatron convention; causal masking is
+                                                                 not halved, so MFU is comparable to theirs)
+                    + 2·d·V                                    (tied output layer)
+  training = 3 × forward (backward = 2 × forward). Norms, softmax, rotary and the embedding lookup are free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenformer_dist.config import ModelConfig
+
+# Dense bf16 peak FLOP/s by device-name substring (first match wins), from the vendors' data sheets.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A10G", 70e12), ("L40S", 362e12), ("L4", 121e12), ("V100", 125e12),
+]
+
+
+def forward_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
+    s, d = seq_len or m.seq_len, m.d_model
+    pattention = 2 * 2 * d * (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens)  # 2·n·(d+d) each
+    attention = 4 * s * d
+    return float(m.n_layers * (pattention + attention) + 2 * d * m.vocab_size)
+
+
+def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward); see the module docstring."""
+    return 3.0 * forward_flops_per_token(m, seq_len)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Per-device dense bf16 peak, or None (CPU, unknown GPU): then report achieved FLOP/s only."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+class MetricsWriter:
+    """Rank-0 writer of RUN/metrics.jsonl (one JSON object per logged step) and RUN/tb (TensorBoard)."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.is_file():  # drop records past the checkpoint we resume from (they will be redone)
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
+                    json.loads(ln).get("step", 0) <= resume_step]
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(self.path)
+        self._file = self.path.open("a")
+        self._tb = SummaryWriter(str(Path(run_dir) / "tb"),
+                                 purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self._tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
+                                    value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
