@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from tokenformer_dist.checkpoint import iter_full_weights, read_config, resolve_checkpoint
 from tokenformer_dist.config import load_config
-from tokenformer_dist.weights import is_tp_sharded, write_sharded_weights
+from tokenformer_dist.sharding import is_tp_sharded
+from tokenformer_dist.weights import write_sharded_weights
 
 
 def test_tp_sharded_rule():

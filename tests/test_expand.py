@@ -119,3 +119,26 @@ def test_bad_sources_are_one_line_errors(sources, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert not dst.exists()
+
+
+def test_keep_optimizer_resumes_the_schedule(sources, sample_data, tmp_path):
+    """--keep-optimizer: the expanded run resumes at the source's step with its Adam moments and data order,
+    so its next loss equals the un-expanded run's next loss (TP1×DP4 → TP2×DP2 with 2 accumulation steps)."""
+    src_run = tmp_path / "src"
+    shutil.copytree(sources / "tp1_z1", src_run)
+    dst = tmp_path / "dst"
+    assert _cli()(["--ckpt", str(src_run), "--out", str(dst), "--tp", "2", "--tokens", "qkv=96,proj=80,ffn=384",
+                   "--keep-optimizer", "--no-progress"]) == 0
+    assert (dst / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    cont = train_argv(sample_data, src_run, 3, tp=1, zero=1)
+    grown = train_argv(sample_data, dst, 3, tp=2, zero=2, **{"train.grad_accum_steps": 2})
+    grown[grown.index("--config") + 1] = str(dst / "config.yaml")
+    launch_runs(4, [cont, grown])
+    assert abs(losses(dst)[3] - losses(src_run)[3]) <= 1e-5 * losses(src_run)[3]
+
+
+def test_keep_optimizer_refuses_zero3_sources(sources, tmp_path, capsys):
+    assert _cli()(["--ckpt", str(sources / "tp2_z3"), "--out", str(tmp_path / "dst"), "--tp", "2", "--grow", "1",
+                   "--keep-optimizer", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ZeRO-3" in err and "\n" not in err and not (tmp_path / "dst").exists()

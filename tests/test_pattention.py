@@ -44,8 +44,9 @@ def test_matches_official_formula(norm, dtype, tol):
         layer.key_tokens.copy_(keys)
         layer.value_tokens.copy_(values)
     want = official_pattention(x, keys, values, norm)
-    torch.testing.assert_close(layer(x), want, rtol=tol, atol=tol)
     torch.testing.assert_close(pattention(x, keys, values, math.sqrt(48), norm), want, rtol=tol, atol=tol)
+    # the module's τ buffer is fp32 by design, so at float64 it matches to fp32 precision of τ
+    torch.testing.assert_close(layer(x), want, rtol=max(tol, 2e-7), atol=max(tol, 2e-7))
 
 
 def test_tau_defaults_to_sqrt_n_and_stays_fp32():

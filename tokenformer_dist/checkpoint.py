@@ -91,11 +91,12 @@ def checkpoint_tp(ckpt_dir: str | Path) -> int:
     return int(read_manifest(d)["tp"]) if is_weights_dir(d) else int(read_meta(d)["tp"])
 
 
-def iter_full_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full (unsharded) fp32 tensors by state_dict name, one at a time, from a checkpoint or weights dir.
+def iter_weight_blocks(ckpt_dir: str | Path) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(name, row blocks) of every weight of a checkpoint or weights dir, one tensor at a time.
 
-    TP-sharded tensors are concatenated along dim 0 over ranks; replicated ones (and tau buffers) come
-    from rank 0 once. safetensors memory-maps the files, so memory is bounded by the largest full tensor.
+    A TP-sharded tensor comes as its per-rank blocks in rank order (concatenated along dim 0 they are the
+    full tensor); a replicated one (and a tau buffer) as [rank 0's copy]. Blocks are read from memory-mapped
+    safetensors files, so memory is bounded by one tensor. Names come in a fixed (sorted) order.
     """
     d = resolve_checkpoint(ckpt_dir)
     tp = checkpoint_tp(d)
@@ -104,12 +105,14 @@ def iter_full_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
         if not f.is_file():
             raise ValueError(f"{f}: missing weights file (checkpoint written at tp={tp})")
     handles = [safe_open(str(f), framework="pt") for f in files]
-    for name in handles[0].keys():  # noqa: SIM118 (safe_open is not a dict)
-        if is_tp_sharded(name):
-            full = torch.cat([h.get_tensor(name) for h in handles], dim=0)
-        else:
-            full = handles[0].get_tensor(name)
-        yield name, full.float()
+    for name in sorted(handles[0].keys()):
+        yield name, [h.get_tensor(name) for h in (handles if is_tp_sharded(name) else handles[:1])]
+
+
+def iter_full_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full (unsharded) fp32 tensors by state_dict name, one at a time (see `iter_weight_blocks`)."""
+    for name, blocks in iter_weight_blocks(ckpt_dir):
+        yield name, (torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]).float()
 
 
 def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
@@ -190,19 +193,26 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(root / old, ignore_errors=True)
 
 
+def convert_to_universal(ckpt_dir: Path, out: Path) -> Path:
+    """Run DeepSpeed's ds_to_universal on a trainer checkpoint into `out` (written as <out>.tmp, renamed)."""
+    tmp = out.with_name(f"{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"{ckpt_dir}: ds_to_universal failed: {tail[0]}")
+    os.replace(tmp, out)
+    return out
+
+
 def ensure_universal(ckpt_dir: Path, info: Any) -> Path:
     """Convert a checkpoint to DeepSpeed's universal format once (rank 0), cached as <ckpt>/universal."""
     out = ckpt_dir / UNIVERSAL
     if info.is_main and not out.is_dir():
-        tmp = ckpt_dir / f"{UNIVERSAL}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
-            raise RuntimeError(f"{ckpt_dir}: ds_to_universal failed: {tail[0]}")
-        os.replace(tmp, out)
+        convert_to_universal(ckpt_dir, out)
     _barrier()
     return out
 

@@ -20,26 +20,30 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import struct
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from tokenformer_dist.checkpoint import checkpoint_tp, iter_full_weights, read_config, resolve_checkpoint
+from tokenformer_dist.checkpoint import checkpoint_tp, iter_weight_blocks, read_config, resolve_checkpoint
 from tokenformer_dist.config import Config, ConfigError, validate
 from tokenformer_dist.model.init import master_normal, value_init_std
-from tokenformer_dist.parallel import shard_range
 from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
-from tokenformer_dist.weights import CONFIG, FORMAT, MANIFEST, is_tp_sharded, rank_file
+from tokenformer_dist.sharding import is_tp_sharded, shard_range
+from tokenformer_dist.weights import CONFIG, FORMAT, MANIFEST, rank_file
 
+T = TypeVar("T")
 KINDS = ("qkv", "proj", "ffn")
 INIT_MODES = ("exact", "official")
 _TOKEN_TENSOR = re.compile(r"^blocks\.\d+\.(?:attn\.(?P<attn>query|key|value|proj)|ffn)\."
@@ -120,25 +124,38 @@ class Growth:
             return shape
         return (self.new[kind[0]], *shape[1:])
 
-    def grow(self, name: str, full: torch.Tensor) -> torch.Tensor:
+    def grow(self, name: str, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The grown tensor as row blocks: the source's blocks (untouched) plus one block of new rows."""
         kind = token_kind(name)
         if kind is None:
-            return full
+            return blocks
         k, field = kind
         n_old, n_new = self.old[k], self.new[k]
         if field == "tau":
-            return full if self.init == "exact" else torch.tensor(math.sqrt(n_new), dtype=torch.float32)
-        if full.shape[0] != n_old:
-            raise ValueError(f"{name}: has {full.shape[0]} tokens but the checkpoint's config says {n_old}")
+            return blocks if self.init == "exact" else [torch.tensor(math.sqrt(n_new), dtype=torch.float32)]
+        if sum(b.shape[0] for b in blocks) != n_old:
+            raise ValueError(f"{name}: has {sum(b.shape[0] for b in blocks)} tokens but the checkpoint's config "
+                             f"says {n_old}")
         if n_new == n_old:
-            return full
-        extra = (n_new - n_old, full.shape[1])
+            return blocks
+        extra = (n_new - n_old, blocks[0].shape[1])
         if field == "key_tokens" and self.init == "exact":
-            rows = torch.zeros(extra)
+            rows = torch.zeros((), dtype=blocks[0].dtype).expand(extra)  # no memory; written as a file hole
         else:
             std = self.key_std if field == "key_tokens" else self.value_std
             rows = master_normal(f"{name}.grow{n_old}to{n_new}", extra, std, self.seed)
-        return torch.cat([full, rows.to(full.dtype)])
+        return [*blocks, rows.to(blocks[0].dtype)]
+
+
+def rows_of(blocks: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
+    """Rows [rows.start, rows.stop) of the concatenation of `blocks`, as views into the blocks (no copy)."""
+    pieces, offset = [], 0
+    for block in blocks:
+        lo, hi = max(rows.start, offset), min(rows.stop, offset + block.shape[0])
+        if lo < hi:
+            pieces.append(block[lo - offset:hi - offset])
+        offset += block.shape[0]
+    return pieces
 
 
 def check_rank_files(ckpt_dir: Path, tp: int) -> None:
@@ -177,8 +194,9 @@ def full_specs(ckpt_dir: Path) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config, init: str = "exact",
-                      seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Write `dst`: the weights of `src` grown to `target`'s token counts, sharded for `tp` ranks.
+                      seed: int = 0, progress: bool = True, keep_optimizer: bool = False) -> dict[str, Any]:
+    """Write `dst`: the weights of `src` grown to `target`'s token counts, sharded for `tp` ranks (with
+    `keep_optimizer`, also a resumable universal checkpoint carrying the Adam moments; expand_optimizer.py).
 
     `dst` appears only when complete (written to a temporary directory next to it, then renamed).
     Returns the manifest written with it.
@@ -193,6 +211,10 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
     target = dataclasses.replace(target, parallel=dataclasses.replace(target.parallel, tp=tp))
     check_target(src_cfg, target, init)
     validate(target)
+    if keep_optimizer:
+        from tokenformer_dist.expand_optimizer import check_source
+
+        check_source(src_dir)  # fail before writing anything
     m = src_cfg.model
     growth = Growth(token_counts(src_cfg), token_counts(target), init, seed, m.init_std,
                     value_init_std(m.n_layers, m.d_model))
@@ -204,7 +226,7 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     writers: list[StreamingSafetensorsWriter] = []
-    checksum = hashlib.blake2b(digest_size=16)
+    checksum = hashlib.sha256()
     try:
         for r in range(tp):
             rank_specs = [(name, _shard_shape(name, shape, tp), torch.float32) for name, shape in specs]
@@ -212,13 +234,18 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
         total = sum(torch.Size(s).numel() * 4 for _, s in specs)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"expand → tp {tp}", disable=not progress)
         try:
-            for name, full in iter_full_weights(src_dir):
-                checksum.update(name.encode())
-                checksum.update(memoryview(full.contiguous().numpy()).cast("B"))
-                grown = growth.grow(name, full)
+            def read_and_grow() -> Iterator[tuple[str, list[torch.Tensor]]]:
+                for name, blocks in iter_weight_blocks(src_dir):
+                    checksum.update(name.encode())
+                    for block in blocks:
+                        checksum.update(memoryview(block.float().contiguous().numpy()).cast("B"))
+                    yield name, [b.float() for b in growth.grow(name, blocks)]
+
+            for name, grown in prefetch(read_and_grow()):
+                n_rows = sum(b.shape[0] for b in grown) if grown[0].ndim else 0
                 for r, writer in enumerate(writers):
-                    writer.write(name, grown[shard_range(grown.shape[0], r, tp)] if is_tp_sharded(name) else grown)
-                bar.update(grown.numel() * 4)
+                    writer.write(name, rows_of(grown, shard_range(n_rows, r, tp)) if is_tp_sharded(name) else grown[0])
+                bar.update(sum(b.numel() for b in grown) * 4)
         except (SafetensorError, RuntimeError) as e:
             raise ValueError(f"{src_dir}: missing or truncated checkpoint shard ({str(e).splitlines()[0]})") \
                 from None
@@ -228,10 +255,15 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
             writer.close()
         manifest = {
             "format": FORMAT, "tp": tp, "source": str(src_dir.resolve()), "source_tp": checkpoint_tp(src_dir),
-            "source_checksum": f"blake2b-128:{checksum.hexdigest()}", "old_tokens": growth.old,
+            "source_checksum": f"sha256:{checksum.hexdigest()}", "old_tokens": growth.old,
             "new_tokens": growth.new, "init": init, "seed": seed,
             "function_preserving": init == "exact" or growth.old == growth.new,
+            "optimizer_state": keep_optimizer,
         }
+        if keep_optimizer:
+            from tokenformer_dist.expand_optimizer import expand_optimizer_state
+
+            expand_optimizer_state(src_dir, tmp, growth, target, tp)
         (tmp / CONFIG).write_text(yaml.safe_dump(target.to_dict(), sort_keys=False))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, dst)
@@ -241,6 +273,46 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Produce `items` in a background thread, up to `depth` ahead, so that reading, hashing and drawing new
+    rows overlap with writing (torch, hashlib and file I/O release the GIL). Errors surface in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[object, BaseException | None]) -> bool:
+        while not stop.is_set():  # a consumer that stopped early must not leave the worker blocked
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def worker() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer
+            put((done, e))
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _shard_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:

@@ -138,10 +138,3 @@ class DeepSpeedMPU:
     def get_sequence_parallel_world_size() -> int:
         return 1
 
-
-def shard_range(n: int, rank: int, size: int) -> slice:
-    """The contiguous rows [rank*n/size, (rank+1)*n/size) of an n-row tensor that `rank` owns."""
-    if n % size:
-        raise ValueError(f"{n} rows cannot be split evenly over {size} tensor-parallel ranks")
-    per = n // size
-    return slice(rank * per, (rank + 1) * per)

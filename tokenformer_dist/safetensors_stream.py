@@ -44,20 +44,33 @@ class StreamingSafetensorsWriter:
         self._data_start = 8 + len(raw)
         self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 (closed in close() / abort())
         self._file.write(struct.pack("<Q", len(raw)) + raw)
+        # Sized up front: bytes never written read back as zeros, so an all-zero block costs no write.
+        self._file.truncate(self._data_start + offset)
         self._written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, pieces: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Write tensor `name`, given whole or as row blocks that concatenate (dim 0) to it — written one
+        after another, so a shard that spans two source blocks needs no concatenated copy. A block that is a
+        broadcast zero (`torch.zeros(()).expand(...)`, all strides 0) is skipped: the file already reads 0."""
         if name not in self._layout or name in self._written:
             raise ValueError(f"{self.path}: {name} is not expected in this file, or was written twice")
         shape, dtype, offset = self._layout[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"{self.path}: {name} expected {shape} {dtype}, got {tuple(tensor.shape)} "
-                             f"{tensor.dtype}")
-        t = tensor.detach().to("cpu").contiguous()
-        if dtype == torch.bfloat16:  # numpy has no bfloat16: write the same bytes as int16
-            t = t.view(torch.int16)
-        self._file.seek(self._data_start + offset)
-        self._file.write(memoryview(t.numpy()).cast("B"))  # no extra copy of the tensor
+        pieces = [pieces] if isinstance(pieces, torch.Tensor) else list(pieces)
+        got = (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]) if pieces[0].ndim else ()
+        if got != shape or any(p.dtype != dtype for p in pieces):
+            raise ValueError(f"{self.path}: {name} expected {shape} {dtype}, got {got} {pieces[0].dtype}")
+        position = self._data_start + offset
+        for piece in pieces:
+            nbytes = piece.numel() * piece.element_size()
+            if piece.numel() and all(st == 0 for st in piece.stride()) and piece[(0,) * piece.ndim] == 0:
+                position += nbytes
+                continue
+            self._file.seek(position)
+            position += nbytes
+            t = piece.detach().to("cpu").contiguous()
+            if dtype == torch.bfloat16:  # numpy has no bfloat16: write the same bytes as int16
+                t = t.view(torch.int16)
+            self._file.write(memoryview(t.numpy()).cast("B"))  # no extra copy of the tensor
         self._written.add(name)
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -28,17 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenformer_dist.config import Config
-from tokenformer_dist.parallel import shard_range
+from tokenformer_dist.sharding import is_tp_sharded, shard_range
 
 FORMAT = "tokenformer-dist-weights"
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
-_SHARDED = re.compile(r"^(embedding\.weight|.*\.key_tokens|.*\.value_tokens)$")
-
-
-def is_tp_sharded(name: str) -> bool:
-    """The one rule for which state_dict tensors are split over TP ranks (along dim 0)."""
-    return bool(_SHARDED.match(name))
 
 
 def rank_file(directory: str | Path, tp_rank: int) -> Path:

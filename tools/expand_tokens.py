@@ -11,7 +11,6 @@ load at TP N. With the default `--init exact` the grown model computes exactly t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -43,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="exact: function-preserving (default); official: as the official code")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new value (and official key) rows")
     parser.add_argument("--keep-optimizer", action="store_true",
-                        help="also carry the Adam moments and step count (a universal checkpoint)")
+                        help="also carry the Adam moments (zeros for new rows) and the step count, "
+                             "as a resumable universal checkpoint")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -58,21 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             dst_cfg = with_counts(src_cfg, grown_counts(token_counts(src_cfg), args.grow, args.tp), args.tp,
                                   f"--grow {args.grow:g}")
-        if args.keep_optimizer:
-            from tokenformer_dist.expand_optimizer import expand_optimizer_state
-
-            manifest = expand_checkpoint(src, args.out, args.tp, dst_cfg, args.init, args.seed,
-                                         progress=not args.no_progress)
-            expand_optimizer_state(src, Path(args.out), dataclasses.replace(dst_cfg), args.init, args.seed)
-        else:
-            manifest = expand_checkpoint(src, args.out, args.tp, dst_cfg, args.init, args.seed,
-                                         progress=not args.no_progress)
+        manifest = expand_checkpoint(src, args.out, args.tp, dst_cfg, args.init, args.seed,
+                                     progress=not args.no_progress, keep_optimizer=args.keep_optimizer)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     old, new = manifest["old_tokens"], manifest["new_tokens"]
     print(f"wrote {args.out} (tp {args.tp}): tokens qkv {old['qkv']}→{new['qkv']}, proj {old['proj']}→"
           f"{new['proj']}, ffn {old['ffn']}→{new['ffn']}, init {args.init}")
+    if args.keep_optimizer:
+        print(f"optimizer state kept: resume with `-m tokenformer_dist.train --config {args.out}/config.yaml "
+              f"--run-dir {args.out}`")
     if not manifest["function_preserving"]:
         print("note: --init official changes the model's function (τ = √n_new and random new key rows); "
               "expect a higher loss at the first step", file=sys.stderr)

@@ -38,7 +38,7 @@ from tokenformer_dist.config import NORMALIZATIONS
 # 1/MAX_CHUNKS of a [tokens, n] tensor while the number of kernel launches (GPU) and parallel regions (CPU,
 # costly when cores are shared) stays small; never below MIN_CHUNK_ELEMENTS, so small layers are one chunk.
 MAX_CHUNKS = 4
-MIN_CHUNK_ELEMENTS = 1 << 18
+MIN_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunks(n_rows: int, n_cols: int, chunk_tokens: int | None) -> Iterator[slice]:

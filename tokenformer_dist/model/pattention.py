@@ -28,7 +28,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from tokenformer_dist.model.init import master_normal
 from tokenformer_dist.model.lean import lean_pattention
 from tokenformer_dist.model.mappings import all_reduce_max_no_grad, all_reduce_sum_both_ways
-from tokenformer_dist.parallel import shard_range
+from tokenformer_dist.sharding import shard_range
 
 
 def _inverse_norm(sum_sq: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from tokenformer_dist.config import ModelConfig
 from tokenformer_dist.model.attention import PartitionedCausalAttention
 from tokenformer_dist.model.init import master_normal, value_init_std
 from tokenformer_dist.model.pattention import ShardedPattention
-from tokenformer_dist.parallel import shard_range
+from tokenformer_dist.sharding import shard_range
 
 
 class TokenFormerBlock(torch.nn.Module):
