@@ -2,8 +2,7 @@
 
 lean       — the default training path (tokenformer_dist.model.lean, a torch.autograd.Function)
 reference  — plain autograd through tokenformer_dist's normalize_scores (the tests' reference)
-official   — a naive transcription of the official layer's arithmetic (torch.norm, divide, ×√n, GeLU),
-             written here from the formula in the TokenFormer paper / FACTS.md §1, not copied
+official   — the naive transcription of the official layer (tokenformer_dist.model.official)
 mlp        — a same-shape Linear(d→n) → GeLU → Linear(n→d) without biases
 """
 
@@ -15,20 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenformer_dist.model.lean import lean_pattention
+from tokenformer_dist.model.official import official_pattention
 from tokenformer_dist.model.pattention import reference_pattention
-
-
-def official_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, norm: str) -> torch.Tensor:
-    w = x @ keys.t()
-    n = w.shape[-1]
-    if norm == "l2_norm_gelu":
-        w = F.gelu(w / torch.norm(w, p=2, dim=-1, keepdim=True) * math.sqrt(n))
-    elif norm == "gelu_l2_norm":
-        g = F.gelu(w)
-        w = g / torch.norm(g, p=2, dim=-1, keepdim=True) * math.sqrt(n)
-    else:
-        w = F.softmax(w, dim=-1) * n
-    return w @ values
 
 
 def make_variants(d: int, n: int, norm: str, seed: int = 0):

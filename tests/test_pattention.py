@@ -4,27 +4,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tokenformer_dist.model.official import official_pattention
 from tokenformer_dist.model.pattention import Pattention, pattention
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
-
-
-def official_pattention(x, keys, values, norm):
-    """Transcription of the official layer (Haiyang-W/TokenFormer, `nonlinear_normalization`): τ = √n of
-    the CURRENT token count, no epsilon."""
-    scores = x @ keys.t()
-    n = scores.shape[-1]
-    if norm == "l2_norm_gelu":
-        weights = F.gelu(scores / torch.norm(scores, p=2, dim=-1, keepdim=True) * math.sqrt(n))
-    elif norm == "gelu_l2_norm":
-        act = F.gelu(scores)
-        weights = act / torch.norm(act, p=2, dim=-1, keepdim=True) * math.sqrt(n)
-    else:
-        exp = torch.exp(scores)
-        weights = exp / torch.norm(exp, p=1, dim=-1, keepdim=True) * n
-    return weights @ values
 
 
 def fixed_inputs(n=48, d_in=16, d_out=24, tokens=10):

@@ -53,7 +53,7 @@ def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.Reduce
     return t
 
 
-def _inverse_norm(sum_sq: torch.Tensor) -> torch.Tensor:
+def inverse_norm(sum_sq: torch.Tensor) -> torch.Tensor:
     """1/sqrt(sum_sq), 0 for an all-zero row (as the reference: 0 output and 0 gradient, never NaN)."""
     nonzero = sum_sq > 0
     return torch.where(nonzero, torch.rsqrt(torch.where(nonzero, sum_sq, torch.ones_like(sum_sq))), 0.0)
@@ -94,14 +94,14 @@ class _LeanPattention(torch.autograd.Function):
             if norm == "l2_norm_gelu":
                 for r in chunks:
                     norm_sum[r] = _row_sum(scores[r].to(acc).square(), acc)
-                scale = (tau * _inverse_norm(_all_reduce(norm_sum, group))).to(compute_dtype)
+                scale = (tau * inverse_norm(_all_reduce(norm_sum, group))).to(compute_dtype)
                 for r in chunks:
                     _gelu_(torch.mul(scores[r], scale[r], out=work[r]))
             elif norm == "gelu_l2_norm":
                 for r in chunks:
                     w = _gelu_(work[r].copy_(scores[r]))
                     norm_sum[r] = _row_sum(w.to(acc).square(), acc)
-                scale = (tau * _inverse_norm(_all_reduce(norm_sum, group))).to(compute_dtype)
+                scale = (tau * inverse_norm(_all_reduce(norm_sum, group))).to(compute_dtype)
                 for r in chunks:
                     work[r].mul_(scale[r])
             else:  # softmax(A)·τ², stabilized by the global row max (detached: it cancels)
@@ -145,7 +145,7 @@ class _LeanPattention(torch.autograd.Function):
                         work[r].sub_(dot[r]).mul_(probs[r])
             else:
                 scores = kept
-                inv = _inverse_norm(norm_sum)
+                inv = inverse_norm(norm_sum)
                 scale = (tau * inv).to(cdt)
                 gelu_first = norm == "gelu_l2_norm"
                 work = torch.empty_like(scores)

@@ -26,15 +26,9 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from tokenformer_dist.model.init import master_normal
-from tokenformer_dist.model.lean import lean_pattention
+from tokenformer_dist.model.lean import inverse_norm, lean_pattention
 from tokenformer_dist.model.mappings import all_reduce_max_no_grad, all_reduce_sum_both_ways
 from tokenformer_dist.sharding import shard_range
-
-
-def _inverse_norm(sum_sq: torch.Tensor) -> torch.Tensor:
-    """1/sqrt(sum_sq), and 0 (not inf, not NaN — also in backward) for a row whose scores are all zero."""
-    nonzero = sum_sq > 0
-    return torch.where(nonzero, torch.rsqrt(torch.where(nonzero, sum_sq, torch.ones_like(sum_sq))), 0.0)
 
 
 def normalize_scores(scores: torch.Tensor, tau: float | torch.Tensor, norm: str,
@@ -49,11 +43,11 @@ def normalize_scores(scores: torch.Tensor, tau: float | torch.Tensor, norm: str,
     acc = torch.promote_types(scores.dtype, torch.float32)
     if norm == "l2_norm_gelu":
         sum_sq = all_reduce_sum_both_ways(scores.to(acc).square().sum(-1, keepdim=True), group)
-        return F.gelu(scores * (tau * _inverse_norm(sum_sq)).to(scores.dtype))
+        return F.gelu(scores * (tau * inverse_norm(sum_sq)).to(scores.dtype))
     if norm == "gelu_l2_norm":
         act = F.gelu(scores)
         sum_sq = all_reduce_sum_both_ways(act.to(acc).square().sum(-1, keepdim=True), group)
-        return act * (tau * _inverse_norm(sum_sq)).to(act.dtype)
+        return act * (tau * inverse_norm(sum_sq)).to(act.dtype)
     if norm == "softmax":
         shift = all_reduce_max_no_grad(scores.amax(-1, keepdim=True), group)
         exp = torch.exp(scores - shift)

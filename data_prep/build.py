@@ -1,0 +1,606 @@
+#!/usr/bin/env python
+"""Build sentencepiece-tokenized zarr shards from OpenWebText (or any text corpus) with Ray.
+
+    python data_prep/build.py                        # sample dataset from installed packages -> data/sample
+    python data_prep/build.py --input openwebtext.tar.xz --output data/owt
+    python data_prep/build.py --input corpus/ --output data/c --tokenizer tok.model --ray-address auto
+
+See docs/data.md for the format, determinism, resume and the loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # `python data_prep/build.py` puts data_prep/, not the repo, on sys.path
+    sys.path.insert(0, str(_REPO))
+
+from data_prep import shards as shards_mod  # noqa: E402
+from data_prep import sources, tokenizer  # noqa: E402
+from data_prep.encode import process_unit  # noqa: E402
+from data_prep.sources import DataError  # noqa: E402
+
+FORMAT = "tokenformer-dist/zarr-token-shards"
+FORMAT_VERSION = 1
+DEFAULT_VOCAB = 50304
+SAMPLE_VOCAB = 8192
+DEFAULT_VAL_FRACTION = 0.0005
+SAMPLE_VAL_FRACTION = 0.05
+MAX_RAY_TEMP_LEN = 40  # Ray's socket paths add ~65 characters; Unix sockets allow ~107
+MB = 1 << 20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python data_prep/build.py",
+        description="Tokenize a text corpus into zarr shards for tokenformer-dist (Ray, sentencepiece).",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="openwebtext.tar.xz, a directory of urlsf_subset*.xz or subsets/*.tar, JSONL(.gz/.zst), "
+        "parquet, or a directory of .txt (repeatable). Without it: a sample dataset.",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="output directory (default data/sample without --input, else data/shards)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"train a tokenizer of this size (default {DEFAULT_VOCAB}; sample {SAMPLE_VOCAB})",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="reuse this sentencepiece .model (with --vocab-size: checked to match)",
+    )
+    p.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help=f"fraction of documents in val, by a stable hash (default {DEFAULT_VAL_FRACTION}; "
+        f"sample {SAMPLE_VAL_FRACTION})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="concurrent Ray tasks (default: all CPUs of the machine / cluster); 0 = no Ray",
+    )
+    p.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (e.g. auto)")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--resume", action="store_true", help="finish an interrupted build in --output")
+    r.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --output first")
+    p.add_argument(
+        "--block-mb",
+        type=float,
+        default=None,
+        help="text per task (default: input size / 256, between 1 and 16 MB)",
+    )
+    p.add_argument(
+        "--max-doc-mb",
+        type=float,
+        default=16.0,
+        help="documents larger than this are skipped and counted (default 16)",
+    )
+    p.add_argument(
+        "--tokenizer-sample-mb",
+        type=float,
+        default=64.0,
+        help="text used to train the tokenizer (default 64)",
+    )
+    p.add_argument("--sample-mb", type=float, default=5.0, help="size of the sample corpus (no --input)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if a.workers is not None and a.workers < 0:
+        p.error("--workers must be >= 0")
+    if a.vocab_size is not None and a.vocab_size < 300:
+        p.error("--vocab-size must be at least 300 (byte fallback needs 256 byte pieces)")
+    if a.val_fraction is not None and not 0.0 <= a.val_fraction < 1.0:
+        p.error("--val-fraction must be in [0, 1)")
+    return a
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- #
+
+
+def _file_list(inputs: list[Path]) -> tuple[list[list[tuple[Path, str]]], Counter]:
+    stats: Counter = Counter()
+    return [sources.list_input_files(i, stats) for i in inputs], stats
+
+
+def _fingerprint(files: list[list[tuple[Path, str]]], det_args: dict) -> str:
+    h = hashlib.sha256(json.dumps(det_args, sort_keys=True).encode())
+    for group in files:
+        for path, fmt in group:
+            st = path.stat()
+            h.update(f"{path}\0{fmt}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _looks_like_ours(out: Path) -> bool:
+    return (out / "manifest.json").exists() or (out / ".build").exists() or not any(out.iterdir())
+
+
+def prepare_output(out: Path, args, fingerprint: str) -> bool:
+    """Check/clear the output directory. Returns True if a complete identical dataset is already there."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--output is not a directory: {out}")
+    if out.exists() and any(out.iterdir()):
+        if args.overwrite:
+            if not _looks_like_ours(out):
+                raise DataError(f"refusing to --overwrite {out}: it is not a dataset built by this tool")
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        elif args.resume:
+            man = out / "manifest.json"
+            state = out / ".build" / "state.json"
+            if man.exists():
+                old = json.loads(man.read_text()).get("run", {}).get("fingerprint")
+                if old != fingerprint:
+                    raise DataError(
+                        f"{out} holds a dataset built from other inputs or arguments; "
+                        "use --overwrite to rebuild it"
+                    )
+                shutil.rmtree(out / ".build", ignore_errors=True)
+                return True
+            if state.exists():
+                old = json.loads(state.read_text()).get("fingerprint")
+                if old != fingerprint:
+                    raise DataError(
+                        f"the interrupted build in {out} used other inputs or arguments; "
+                        "use --overwrite to start again"
+                    )
+            elif not _looks_like_ours(out):
+                raise DataError(f"cannot --resume in {out}: it is not a dataset built by this tool")
+        else:
+            raise DataError(
+                f"output directory {out} is not empty: pass --resume to finish an interrupted "
+                "build or --overwrite to replace it"
+            )
+    (out / ".build" / "parts").mkdir(parents=True, exist_ok=True)
+    for stale in (out / ".build" / "parts").glob(".*.tmp"):
+        stale.unlink()
+    tokenizer.write_atomic(out / ".build" / "state.json", json.dumps({"fingerprint": fingerprint}).encode())
+    return False
+
+
+# --------------------------------------------------------------------------------------------- #
+
+
+class RayRunner:
+    def __init__(self, workers: int | None, address: str | None, out: Path, block_bytes: int):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        self.ray = ray
+        self.tmp_cleanup = None
+        kwargs: dict = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        if address:
+            kwargs["address"] = address
+            kwargs["runtime_env"] = {"py_modules": [str(_REPO / "data_prep")]}
+        else:
+            # The workers import data_prep from the repository; they inherit this environment.
+            pp = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = str(_REPO) + (os.pathsep + pp if pp else "")
+            temp = (out / ".build" / "ray").resolve()
+            if len(str(temp)) > MAX_RAY_TEMP_LEN:
+                temp = Path(tempfile.mkdtemp(prefix="tfd-ray-", dir="/tmp"))
+                self.tmp_cleanup = temp
+                log(f"note: the output path is too long for Ray's Unix sockets; Ray's temp dir is {temp}")
+            elif temp.exists():
+                shutil.rmtree(temp, ignore_errors=True)
+            kwargs.update(
+                address="local",
+                num_cpus=workers or os.cpu_count() or 1,
+                _temp_dir=str(temp),
+                object_store_memory=max(256 * MB, min(2048 * MB, 8 * (workers or 2) * block_bytes)),
+            )
+        ray.init(**kwargs)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = workers or cpus
+        self.remote = ray.remote(num_cpus=1)(process_unit)
+
+    def submit(self, unit, model_ref, cfg):
+        return self.remote.remote(unit, model_ref, cfg)
+
+    def put(self, obj):
+        return self.ray.put(obj)
+
+    def wait_one(self, refs):
+        done, _ = self.ray.wait(list(refs), num_returns=1)
+        return done[0]
+
+    def get(self, ref):
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, (DataError, ValueError)):
+                raise DataError(str(cause)) from None
+            raise
+
+    def close(self):
+        self.ray.shutdown()
+        if self.tmp_cleanup:
+            shutil.rmtree(self.tmp_cleanup, ignore_errors=True)
+
+
+class LocalRunner:
+    """--workers 0: everything in this process (no Ray)."""
+
+    workers = 1
+
+    def __init__(self):
+        self.results = {}
+        self.n = 0
+
+    def put(self, obj):
+        return obj
+
+    def submit(self, unit, model_ref, cfg):
+        ref = self.n
+        self.n += 1
+        self.results[ref] = process_unit(unit, model_ref, cfg)
+        return ref
+
+    def wait_one(self, refs):
+        return next(iter(refs))
+
+    def get(self, ref):
+        return self.results.pop(ref)
+
+    def close(self):
+        pass
+
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 when every id fits (ids < vocab_size <= 65536), else uint32."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def _crash_hook(stage: str) -> None:
+    if os.environ.get("TFD_BUILD_CRASH_AT") == stage:  # test hook: simulate a kill at this stage
+        os._exit(137)
+
+
+# --------------------------------------------------------------------------------------------- #
+
+
+def run(args) -> int:
+    t0 = time.time()
+    sample = args.input is None
+    if sample:
+        from data_prep.sample import write_sample_text
+
+        out = args.output or Path("data/sample")
+        man = out / "manifest.json"
+        if not (args.resume or args.overwrite) and man.exists() and json.loads(man.read_text()).get("sample"):
+            log(f"the sample dataset {out} already exists (pass --overwrite to rebuild it)")
+            return 0
+        text_dir = out.parent / (out.name + "-text")
+        path, n_docs, n_bytes = write_sample_text(text_dir, int(args.sample_mb * MB))
+        if n_bytes == 0:
+            raise DataError("no text found in the installed Python packages for a sample dataset")
+        log(
+            f"no --input given: building a SAMPLE dataset from {n_docs} docstring/documentation texts of the "
+            f"installed Python packages ({n_bytes / MB:.1f} MB, written to {path})."
+        )
+        inputs = [path]
+        if args.vocab_size is None and args.tokenizer is None:
+            args.vocab_size = SAMPLE_VOCAB
+        if args.val_fraction is None:
+            args.val_fraction = SAMPLE_VAL_FRACTION
+    else:
+        out = args.output or Path("data/shards")
+        inputs = list(args.input)
+    if args.tokenizer is None and args.vocab_size is None:
+        args.vocab_size = DEFAULT_VOCAB
+    if args.val_fraction is None:
+        args.val_fraction = DEFAULT_VAL_FRACTION
+    inputs = [Path(os.path.abspath(i)) for i in inputs]
+    out = Path(os.path.abspath(out))
+    for i in inputs:
+        if out == i or out in i.parents:
+            raise DataError(f"--output {out} must not contain the input {i}")
+        if i.is_dir() and i in out.parents:
+            raise DataError(f"--output {out} must not be inside the input directory {i}")
+
+    files, _ = _file_list(inputs)
+    total_bytes = sum(p.stat().st_size for g in files for p, _ in g)
+    est_text = sum(sources._est(fmt, p.stat().st_size) for g in files for p, fmt in g)
+    if args.block_mb is not None:
+        block_bytes = max(4096, int(args.block_mb * MB))
+    else:
+        block_bytes = int(min(16 * MB, max(1 * MB, est_text // 256)))
+    max_doc_bytes = int(args.max_doc_mb * MB)
+
+    tok_given = None
+    if args.tokenizer is not None:
+        tok_given = tokenizer.load(args.tokenizer, args.vocab_size)
+    det_args = {
+        "vocab_size": args.vocab_size if tok_given is None else tok_given[1],
+        "tokenizer": None if tok_given is None else hashlib.sha256(tok_given[0]).hexdigest(),
+        "model_type": args.model_type if tok_given is None else None,
+        "val_fraction": args.val_fraction,
+        "block_bytes": block_bytes,
+        "max_doc_bytes": max_doc_bytes,
+        "tokenizer_sample_bytes": int(args.tokenizer_sample_mb * MB) if tok_given is None else None,
+        "tokenizer_train_threads": tokenizer.TRAIN_THREADS if tok_given is None else None,
+    }
+    fingerprint = _fingerprint(files, det_args)
+    if prepare_output(out, args, fingerprint):
+        log(f"{out} is already complete (nothing to do)")
+        return 0
+    build = out / ".build"
+    parts_dir = build / "parts"
+
+    # ---- tokenizer ---------------------------------------------------------------------------
+    tok_path = out / "tokenizer.model"
+    tok_info_path = build / "tokenizer.json"
+    if tok_given is not None:
+        model_bytes, vocab, eod = tok_given
+        if not tok_path.exists() or tok_path.read_bytes() != model_bytes:
+            tokenizer.write_atomic(tok_path, model_bytes)
+        tok_info = {"trained": False, "source": str(Path(os.path.abspath(args.tokenizer)))}
+    elif tok_path.exists() and tok_info_path.exists():  # resumed: trained before the kill
+        model_bytes, vocab, eod = tokenizer.load(tok_path, args.vocab_size)
+        tok_info = json.loads(tok_info_path.read_text())
+        log(f"resume: reusing the trained tokenizer {tok_path}")
+    else:
+        tb = time.time()
+        units = (
+            u
+            for i, inp in enumerate(inputs)
+            for u in sources.plan_input(i, inp, block_bytes, max_doc_bytes, Counter())
+        )
+        sample_path = build / "tokenizer_sample.txt"
+        sample_budget = int(args.tokenizer_sample_mb * MB)
+        info = tokenizer.collect_sample(
+            units, sample_budget, max(1, est_text // block_bytes), max_doc_bytes, sample_path
+        )
+        if info["sentences"] == 0:
+            raise DataError("no documents found in the inputs (nothing to train a tokenizer on)")
+        log(
+            f"training a {args.model_type} tokenizer, vocab {args.vocab_size}, "
+            f"on {info['sentences']} sentences ({info['bytes'] / MB:.1f} MB)..."
+        )
+        tokenizer.train(sample_path, build / "tokenizer.model.new", args.vocab_size, args.model_type)
+        sample_path.unlink()
+        tok_info = {"trained": True, "model_type": args.model_type, "sample": info}
+        tokenizer.write_atomic(tok_info_path, json.dumps(tok_info, sort_keys=True).encode())
+        os.replace(build / "tokenizer.model.new", tok_path)
+        model_bytes, vocab, eod = tokenizer.load(tok_path, args.vocab_size)
+        log(f"tokenizer trained in {time.time() - tb:.1f} s")
+    tok_info["sha256"] = hashlib.sha256(model_bytes).hexdigest()
+    dtype = token_dtype(vocab)
+    _crash_hook("after-tokenizer")
+
+    # ---- tokenize: one Ray task per unit -------------------------------------------------------
+    cfg = {"eod_id": eod, "dtype": dtype, "val_fraction": args.val_fraction, "max_doc_bytes": max_doc_bytes}
+    plan_stats: Counter = Counter()
+    runner = (
+        LocalRunner() if args.workers == 0 else RayRunner(args.workers, args.ray_address, out, block_bytes)
+    )
+    keys: list[str] = []
+    resumed = 0
+    cpu = [0.0]  # CPU seconds spent in the tasks (this run)
+    totals: Counter = Counter()
+    t_start = time.time()
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            desc="tokenizing",
+            disable=args.no_progress,
+            mininterval=1.0,
+            smoothing=0.05,
+            file=sys.stderr,
+        )
+        model_ref = runner.put(model_bytes)
+        inflight: dict = {}
+        max_inflight = 2 * runner.workers
+
+        def finish(ref):
+            unit = inflight.pop(ref)
+            res = runner.get(ref)
+            shards_mod.write_part(parts_dir, unit.key, res)
+            cpu[0] += res.get("cpu_seconds", 0.0)
+            account(unit, res["stats"])
+
+        def account(unit, st):
+            totals.update(st)
+            bar.update(unit.nbytes)
+            bar.set_postfix_str(
+                f"docs={totals['documents']:,} tokens={totals['train_tokens'] + totals['val_tokens']:,}",
+                refresh=False,
+            )
+
+        for i, inp in enumerate(inputs):
+            for unit in sources.plan_input(i, inp, block_bytes, max_doc_bytes, plan_stats):
+                keys.append(unit.key)
+                if shards_mod.part_path(parts_dir, unit.key).exists():
+                    account(unit, shards_mod.read_part_stats(parts_dir, unit.key))
+                    resumed += 1
+                    continue
+                while len(inflight) >= max_inflight:
+                    finish(runner.wait_one(inflight))
+                inflight[runner.submit(unit, model_ref, cfg)] = unit
+        while inflight:
+            finish(runner.wait_one(inflight))
+        bar.close()
+    except BaseException:
+        runner.close()
+        raise
+    # Ray's shutdown (~1.5 s) overlaps the assembly below.
+    closer = threading.Thread(target=runner.close, daemon=True)
+    closer.start()
+    try:
+        return _assemble(SimpleNamespace(**{k: v for k, v in locals().items() if k in _CTX}))
+    finally:
+        closer.join()
+
+
+_CTX_ORDER = (
+    "args t0 t_start out keys resumed totals plan_stats dtype vocab eod tok_info det_args inputs files "
+    "sample runner fingerprint closer cpu"
+).split()
+_CTX = set(_CTX_ORDER)
+
+
+def _assemble(c: SimpleNamespace) -> int:
+    """Assemble the splits from the parts, write the manifest, clean up."""
+    (
+        args,
+        t0,
+        t_start,
+        out,
+        keys,
+        resumed,
+        totals,
+        plan_stats,
+        dtype,
+        vocab,
+        eod,
+        tok_info,
+        det_args,
+        inputs,
+        files,
+        sample,
+        runner,
+        fingerprint,
+        closer,
+        cpu,
+    ) = (getattr(c, k) for k in _CTX_ORDER)
+    build = out / ".build"
+    parts_dir = build / "parts"
+    t_tok = time.time() - t_start
+    if resumed:
+        log(f"resume: {resumed} of {len(keys)} units were already done and were not redone")
+    totals.update(plan_stats)  # skips counted while planning (symlinks, tar members, ...)
+    if totals["documents"] == 0:
+        raise DataError("no documents found in the inputs (all empty or skipped)")
+    _crash_hook("after-parts")
+
+    # ---- assemble zarr arrays, then the manifest ---------------------------------------------
+    splits = {}
+    for split in shards_mod.SPLITS:
+        splits[split] = shards_mod.assemble_split(parts_dir, keys, split, out / split, build, dtype)
+        _crash_hook(f"after-{split}")
+    import zarr
+
+    if not (out / "zarr.json").exists():
+        zarr.create_group(
+            store=str(out),
+            zarr_format=3,
+            overwrite=False,
+            attributes={"format": FORMAT, "vocab_size": vocab, "eod_id": eod, "dtype": dtype},
+        )
+    counts = {k: int(v) for k, v in sorted(totals.items()) if not k.startswith(("train_", "val_"))}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vocab_size": vocab,
+        "eod_id": eod,
+        "dtype": dtype,
+        "tokenizer": {"file": "tokenizer.model", **tok_info},
+        "splits": {
+            s: {
+                "documents": splits[s]["documents"],
+                "tokens": splits[s]["tokens"],
+                "tokens_array": f"{s}/tokens",
+                "doc_offsets_array": f"{s}/doc_offsets",
+                "chunk_tokens": splits[s]["chunk_tokens"],
+            }
+            for s in shards_mod.SPLITS
+        },
+        "counts": counts,
+        "inputs": [
+            {
+                "path": str(inp),
+                "files": len(g),
+                "bytes": sum(p.stat().st_size for p, _ in g),
+                "formats": sorted({f for _, f in g}),
+            }
+            for inp, g in zip(inputs, files, strict=True)
+        ],
+        "sample": sample,
+        "arguments": det_args,
+        "units": len(keys),
+        "run": {  # the only part that may differ between two builds of the same data
+            "workers": 0 if args.workers == 0 else runner.workers,
+            "ray_address": args.ray_address,
+            "seconds": round(time.time() - t0, 3),
+            "fingerprint": fingerprint,
+            "tokenize_seconds": round(t_tok, 3),
+            "task_cpu_seconds": round(cpu[0], 3),
+        },
+    }
+    tokenizer.write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    closer.join()
+    shutil.rmtree(build, ignore_errors=True)
+
+    ntok = splits["train"]["tokens"] + splits["val"]["tokens"]
+    log(
+        f"built {out}: train {splits['train']['documents']:,} docs / {splits['train']['tokens']:,} tokens, "
+        f"val {splits['val']['documents']:,} docs / {splits['val']['tokens']:,} tokens; "
+        f"vocab {vocab} ({dtype}), eod id {eod}; {time.time() - t0:.1f} s "
+        f"({ntok / max(t_tok, 1e-9) / 1e6:.2f} M tokens/s tokenizing)"
+    )
+    dropped = {k: v for k, v in counts.items() if k.startswith(("dropped", "skipped", "invalid")) and v}
+    if dropped:
+        log("skipped/counted: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
+    if sample:
+        log(
+            f"this is a small sample (vocab {vocab}). For OpenWebText run:\n"
+            "  python data_prep/build.py --input /path/to/openwebtext.tar.xz --output data/owt"
+        )
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except DataError as e:
+        log(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted: rerun with --resume to finish")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
