@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--target", default="configs/owt_757m.yaml")
     parser.add_argument("--tp", type=int, default=8)
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     from tokenformer_dist.config import load_config
@@ -59,26 +61,48 @@ def main() -> None:
         write_sharded_weights(src, cfg, model.state_dict().items(), tp=2)
         del model
         destroy_distributed()
+        subprocess.run(["sync"], check=True)  # the source's own writeback must not land in a timed step
         size = du(src)
-        print(f"source: {args.config} at TP 2, {size / 1e6:.0f} MB")
+        print(f"source: {args.config} at TP 2, {size / 1e6:.0f} MB; {args.rounds} rounds, medians")
         py = sys.executable
-        t_cp = timed(["cp", "-r", str(src), str(work / "copy")])
-        t_grow = timed([py, "tools/expand_tokens.py", "--ckpt", str(src), "--out", str(work / "grown"),
-                        "--tp", str(args.tp), "--config", args.target, "--no-progress"])
-        t_reshard = timed([py, "tools/expand_tokens.py", "--ckpt", str(src), "--out", str(work / "reshard"),
-                           "--tp", str(args.tp), "--grow", "1", "--no-progress"])
-        t_import = timed([py, "-c", "import tokenformer_dist.expand"])
-        t0 = time.perf_counter()
-        expand_checkpoint(src, work / "grown2", args.tp, load_config(args.target, tp=args.tp), progress=False)
-        subprocess.run(["sync"], check=True)
-        t_inproc = time.perf_counter() - t0
-        out_size = du(work / "grown")
-        print(f"cp -r                              {t_cp:7.2f} s   ({size / 1e6:.0f} MB)")
-        print(f"expand {Path(args.config).stem}→{Path(args.target).stem} TP2→TP{args.tp} (CLI)"
-              f"  {t_grow:7.2f} s   ({out_size / 1e6:.0f} MB written)  ratio {t_grow / t_cp:.2f}x")
-        print(f"reshard TP2→TP{args.tp} (CLI)              {t_reshard:7.2f} s   ratio {t_reshard / t_cp:.2f}x")
-        print(f"expand, in-process call only        {t_inproc:7.2f} s   ratio {t_inproc / t_cp:.2f}x")
-        print(f"python start-up + imports           {t_import:7.2f} s   (included in the CLI rows)")
+        target = load_config(args.target, tp=args.tp)
+
+        def in_process(out: Path) -> float:
+            t0 = time.perf_counter()
+            expand_checkpoint(src, out, args.tp, target, progress=False)
+            subprocess.run(["sync"], check=True)
+            return time.perf_counter() - t0
+
+        steps = {
+            "cp -r": lambda out: timed(["cp", "-r", str(src), str(out)]),
+            "expand (CLI)": lambda out: timed([py, "tools/expand_tokens.py", "--ckpt", str(src), "--out", str(out),
+                                               "--tp", str(args.tp), "--config", args.target, "--no-progress"]),
+            "reshard (CLI)": lambda out: timed([py, "tools/expand_tokens.py", "--ckpt", str(src), "--out", str(out),
+                                                "--tp", str(args.tp), "--grow", "1", "--no-progress"]),
+            "expand (in-process)": in_process,
+        }
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        out_size = 0
+        for _ in range(args.rounds):  # interleaved, so that load drifts hit every side alike
+            for label, step in steps.items():
+                out = work / "out"
+                times[label].append(step(out))
+                if label == "expand (CLI)":
+                    out_size = du(out)
+                shutil.rmtree(out)
+                subprocess.run(["sync"], check=True)
+        t_import = statistics.median(timed([py, "-c", "import tokenformer_dist.expand"]) for _ in range(3))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        grow_desc = f"{Path(args.config).stem}→{Path(args.target).stem}, TP2→TP{args.tp}"
+        print(f"cp -r                   {med['cp -r']:7.2f} s   ({size / 1e6:.0f} MB)")
+        print(f"expand (CLI)            {med['expand (CLI)']:7.2f} s   ratio {med['expand (CLI)'] / med['cp -r']:.2f}x"
+              f"   ({grow_desc}, {out_size / 1e6:.0f} MB written)")
+        ratio = med["reshard (CLI)"] / med["cp -r"]
+        print(f"reshard (CLI)           {med['reshard (CLI)']:7.2f} s   ratio {ratio:.2f}x"
+              f"   (--grow 1, TP2→TP{args.tp})")
+        print(f"expand (in-process)     {med['expand (in-process)']:7.2f} s   ratio "
+              f"{med['expand (in-process)'] / med['cp -r']:.2f}x")
+        print(f"python start-up+imports {t_import:7.2f} s   (inside the CLI rows)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

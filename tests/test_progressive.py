@@ -74,16 +74,17 @@ def test_ladder_validation(tmp_path, edit, message):
 def test_cli_errors(tmp_path):
     """Bad trainer keys, unknown budgets and a non-empty --out: one line on stderr, exit 2, nothing launched."""
     bad = _write(tmp_path, lambda r: r["trainer_overrides"].update({"model.d_modell": 64}))
-    proc = _cli("--config", str(bad), "--out", str(tmp_path / "o1"), "--budget", "test")
+    nodata = str(tmp_path / "nodata")  # not built: nothing may be built or launched before the checks
+    proc = _cli("--config", str(bad), "--data", nodata, "--out", str(tmp_path / "o1"), "--budget", "test")
     assert proc.returncode == 2 and "unknown key 'model.d_modell'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "ladder.yaml" in proc.stderr
-    proc = _cli("--out", str(tmp_path / "o2"), "--budget", "huge")
+    proc = _cli("--data", nodata, "--out", str(tmp_path / "o2"), "--budget", "huge")
     assert proc.returncode == 2 and "--budget 'huge': valid budgets" in proc.stderr and "small" in proc.stderr
     (tmp_path / "o3").mkdir()
     (tmp_path / "o3" / "results.json").write_text("{}")
-    proc = _cli("--out", str(tmp_path / "o3"), "--budget", "test")
+    proc = _cli("--data", nodata, "--out", str(tmp_path / "o3"), "--budget", "test")
     assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any((tmp_path / p).exists() for p in ("o1", "o2", "nodata"))
 
 
 def test_flops_to_reach_interpolates_linearly_in_flops():

@@ -394,13 +394,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
             label=f"from scratch ({_fmt_tokens(res['scratch']['tokens'])} tokens)")
     pc = res["progressive"]["curve"]
     ax.plot([p["flops"] for p in pc], [p["val_ppl"] for p in pc], "o-", color="tab:blue", ms=3,
-            label="TokenFormer progressive ladder")
+            label="TokenFormer ladder " + " → ".join(_fmt_tokens(s["tokens"]) for s in res["progressive"]["stages"]))
     for st in res["progressive"]["stages"][:-1]:
         ax.axvline(st["cum_flops_end"], color="tab:blue", ls=":", lw=0.8)
-    for st in res["progressive"]["stages"]:
-        end = [p for p in pc if p["stage"] == st["name"]][-1]
-        ax.annotate(f"{st['name']}\n{_fmt_tokens(st['tokens'])}", (end["flops"], end["val_ppl"]),
-                    textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7, color="tab:blue")
+    for st in res["progressive"]["stages"]:  # label each stage's span at the top of the axes
+        first = [p for p in pc if p["stage"] == st["name"]][0]["flops"]
+        x = math.sqrt(max(st["cum_flops_start"], first) * st["cum_flops_end"])
+        ax.text(x, 0.97, st["name"], transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color="tab:blue")
     ax.axhline(math.exp(res["target_val_loss"]), color="tab:gray", ls="--", lw=0.8)
     reach = res["progressive"]["flops_to_target"]
     if reach is not None:
