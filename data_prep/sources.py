@@ -298,21 +298,29 @@ def _plan_parquet(path: Path, block_bytes: int, new_key) -> Iterator[Unit]:
         )
 
 
+def _wanted_member(m: tarfile.TarInfo, max_doc_bytes: int, stats: Counter) -> str | None:
+    """The member's kind if it is to be read; None (counted in `stats`) for unsafe, other or too-long ones."""
+    if not _member_ok(m, stats):
+        return None
+    kind = _member_kind(m.name)
+    if kind is None:
+        stats["skipped_tar_other_members"] += 1
+        return None
+    if kind == "txt" and m.size > max_doc_bytes:
+        stats["dropped_too_long"] += 1
+        stats["documents_seen"] += 1
+        return None
+    return kind
+
+
 def _plan_tar(path: Path, block_bytes: int, max_doc_bytes: int, new_key, stats: Counter) -> Iterator[Unit]:
     """An uncompressed tar (the Hugging Face subsets/*.tar): members located by offset, read by seek."""
     members, est = [], 0
     try:
         with tarfile.open(path, mode="r:") as tf:
             for m in tf:
-                if not _member_ok(m, stats):
-                    continue
-                kind = _member_kind(m.name)
+                kind = _wanted_member(m, max_doc_bytes, stats)
                 if kind is None:
-                    stats["skipped_tar_other_members"] += 1
-                    continue
-                if kind == "txt" and m.size > max_doc_bytes:
-                    stats["dropped_too_long"] += 1
-                    stats["documents_seen"] += 1
                     continue
                 members.append((m.name, m.offset_data, m.size, kind))
                 est += _est(kind, m.size)
@@ -353,15 +361,8 @@ def _plan_stream(path: Path, fmt: str, block_bytes: int, max_doc_bytes: int, new
             with _open_compressed_tar_stream(io.BufferedReader(cr, 1 << 20), fmt) as tf:
                 for m in tf:
                     where = f"{path}[{m.name}]"
-                    if not _member_ok(m, stats):
-                        continue
-                    kind = _member_kind(m.name)
+                    kind = _wanted_member(m, max_doc_bytes, stats)
                     if kind is None:
-                        stats["skipped_tar_other_members"] += 1
-                        continue
-                    if kind == "txt" and m.size > max_doc_bytes:
-                        stats["dropped_too_long"] += 1
-                        stats["documents_seen"] += 1
                         continue
                     data = tf.extractfile(m).read()
                     if len(data) != m.size:

@@ -185,18 +185,21 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The parsed YAML of `path` ({} when empty), or a one-line ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), tp: int | None = None) -> Config:
     """Read a YAML config, apply `--set` overrides (and a --tp flag), validate, and return it."""
     source = str(path) if path is not None else "<defaults>"
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: no such config file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw: Any = read_yaml(path) if path is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
     for assignment in overrides:

@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tokenformer_dist.config import Config, ConfigError, load_config, param_count  # noqa: E402
+from tokenformer_dist.config import Config, ConfigError, load_config, param_count, read_yaml  # noqa: E402
 from tokenformer_dist.metrics import flops_per_token  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "progressive_mini.yaml"
@@ -128,13 +128,7 @@ def _run_spec(raw: Any, where: str, src: str, defaults: dict[str, float], with_t
 def load_ladder(path: str | Path) -> Ladder:
     """Read and validate a ladder config; ConfigError (one line, naming the key) on bad input."""
     src = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{src}: no such ladder config file")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{src}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "ladder config")
     raw = _check_keys(raw, ("trainer_config", "trainer_overrides", "data", "tp", "init", "seed", "eval_points",
                             "lr", "min_lr", "warmup_frac", "stages", "scratch", "budgets"), "", src)
     trainer_config = Path(str(_req(raw, "trainer_config", "", src)))
