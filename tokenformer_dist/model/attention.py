@@ -68,12 +68,11 @@ class PartitionedCausalAttention(torch.nn.Module):
         b, s, d = x.shape
         tp = self.query.tp_size
         check_pair_partition(b, self.n_heads, tp)
-        # Q, K, V partial sums over this rank's tokens, stacked so one reduce-scatter delivers all three.
-        qkv = torch.stack([self._to_pairs(self.query(x)), self._to_pairs(self.key(x)),
-                           self._to_pairs(self.value(x))], dim=1)  # [b*H, 3, s, hd]
-        if tp > 1:  # forward: reduce-scatter over pairs; backward: all-gather
-            qkv = reduce_scatter_to_sequence_parallel_region(qkv.contiguous())
-        q, k, v = qkv.unbind(1)  # each [pairs_local, s, hd]
+        # Q, K, V partial sums over this rank's tokens, each [b*H, s, hd]
+        q, k, v = self._to_pairs(self.query(x)), self._to_pairs(self.key(x)), self._to_pairs(self.value(x))
+        if tp > 1:  # stacked so one reduce-scatter delivers all three (backward: all-gather)
+            qkv = reduce_scatter_to_sequence_parallel_region(torch.stack([q, k, v], dim=1))  # [b*H, 3, s, hd]
+            q, k, v = qkv.unbind(1)  # each [pairs_local, s, hd]
         if self.rotary is not None:
             freqs = self.rotary(s)  # [s, 1, 1, rot_dim]
             q = apply_rotary_pos_emb(q.transpose(0, 1).unsqueeze(2), freqs, _ROPE_FLAGS).squeeze(2).transpose(0, 1)
