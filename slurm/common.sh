@@ -71,7 +71,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"          # long IB retries ride out transient fabric errors
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # megatron-core's TP setting
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"          # as torchrun does; CPU ranks share the node's cores
+# one thread per rank as torchrun does, unless the job gave each task several CPUs (--cpus-per-task)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
 # --- trainer command ---------------------------------------------------------------------------------------
 train=("$PYTHON" -m tokenformer_dist.train --config "$CONFIG" --run-dir "$RUN_DIR")
