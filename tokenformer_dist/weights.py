@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenformer_dist.config import Config
+from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
 from tokenformer_dist.sharding import is_tp_sharded, shard_range
 
 FORMAT = "tokenformer-dist-weights"
@@ -89,35 +90,38 @@ def write_sharded_weights(out_dir: str | Path, config: Config,
                           manifest_extra: dict[str, Any] | None = None) -> Path:
     """Write full (unsharded) tensors as a weights dir for `tp` ranks; `out_dir` appears only when complete.
 
-    Streaming and memory: full tensors are consumed one at a time and each is split at once into its
-    per-rank shards, which are kept until the end because a safetensors file is written in one go. Peak
-    memory is therefore about one model copy (the sum of all shards) plus the largest full tensor; with
-    `tp` ranks each file is 1/tp of it. (The full tensors themselves are not retained.)
+    Memory: the tensors are referenced, not copied — each rank's shard is a row view written straight into
+    that rank's file by the streaming writer the expansion tool uses (header first, then one tensor at a
+    time). Peak memory is what the caller's tensors already take (e.g. a model's state_dict).
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir}: output directory already exists; choose a new path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    writers: list[StreamingSafetensorsWriter] = []
     try:
-        shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-        for name, full in named_full_tensors:
-            full = full.detach().to("cpu", torch.float32)
-            for r in range(tp):
-                if is_tp_sharded(name):
-                    if full.shape[0] % tp:
-                        raise ValueError(f"{name}: {full.shape[0]} rows cannot be split over tp={tp}")
-                    shards[r][name] = full[shard_range(full.shape[0], r, tp)].clone()
-                else:
-                    shards[r][name] = full.clone() if r == 0 else shards[0][name]
+        tensors = [(name, full.detach().to("cpu", torch.float32)) for name, full in named_full_tensors]
+        for name, full in tensors:
+            if is_tp_sharded(name) and full.shape[0] % tp:
+                raise ValueError(f"{name}: {full.shape[0]} rows cannot be split over tp={tp}")
+
+        def shard(name: str, full: torch.Tensor, r: int) -> torch.Tensor:
+            return full[shard_range(full.shape[0], r, tp)] if is_tp_sharded(name) else full
+
         for r in range(tp):
-            write_rank_file(tmp, r, shards[r])
-            shards[r] = {}
+            specs = [(name, tuple(shard(name, full, r).shape), torch.float32) for name, full in tensors]
+            writers.append(StreamingSafetensorsWriter(rank_file(tmp, r), specs))
+            for name, full in tensors:
+                writers[r].write(name, shard(name, full, r))
+            writers[r].close()
         (tmp / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         manifest = {"format": FORMAT, "tp": tp, **(manifest_extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out_dir)
     except BaseException:
+        for writer in writers:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
