@@ -119,6 +119,8 @@ class Estimate:
     mfu: float
     fits: bool
     reason: str = ""  # why it does not fit / is not valid
+    matmul_s: float = float("nan")  # the two parts of compute_s
+    elementwise_s: float = float("nan")
 
     def summary(self) -> dict[str, object]:
         lay = self.layout
@@ -196,6 +198,8 @@ def tp_layer_comm_bytes(d: int, tp: int, tokens: int, norm: str = "l2_norm_gelu"
 
 
 TP_COLLECTIVES_PER_LAYER = 18  # 9 per direction (RS, AG, 2 AR, 5 normalizer ARs)
+OVERLAP_COST = 0.1  # fraction of an overlapped transfer's duration charged to the step (SMs, HBM taken)
+ZERO3_FETCH_S = 150e-6  # DeepSpeed ZeRO-3 hook work per module fetch/release (assumed, not measured here)
 
 
 def tp_comm_seconds(m: ModelConfig, tp: int, tokens: int, hw: Hardware, checkpointing: bool) -> float:
@@ -221,8 +225,11 @@ def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro
       step; both exposed unless overlap_comm, which hides the reduce-scatter behind that backward.
     ZeRO 2: as ZeRO 1, but gradients are reduced at EVERY micro-batch (partitioned gradients).
     ZeRO 3: gradients reduce-scattered at every micro-batch, weights all-gathered in every forward and every
-      backward, module by module (2 collectives per Pattention and per embedding, each paying a latency);
-      DeepSpeed prefetches, so we count exposed only what exceeds 80% of the forward / backward compute.
+      backward, module by module (each fetch pays a collective latency and ZERO3_FETCH_S of DeepSpeed's
+      Python hooks on the critical path); DeepSpeed prefetches, so the transfer is exposed only where it
+      exceeds 80% of the forward / backward compute.
+    Overlapped transfers are not free: NCCL kernels take SMs and HBM bandwidth from compute; we charge
+    OVERLAP_COST of their duration.
     """
     if lay.dp == 1:
         return 0.0
@@ -237,19 +244,21 @@ def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro
         reduces = 1 if lay.zero_stage == 1 else lay.grad_accum
         rs = ring * reduces
         hidden = min(bwd_s * reduces, rs) if overlap_comm else 0.0
-        return rs - hidden + ring
-    modules = 5 * m.n_layers + 1
+        return rs - hidden * (1 - OVERLAP_COST) + ring
+    modules = 5 * m.n_layers + 2  # the Pattentions, the embedding, the final LayerNorm
     gather = ring - lat + modules * lat
     exposed = max(0.0, gather - 0.8 * fwd_s) + max(0.0, gather + ring - 0.8 * bwd_s)
-    return exposed * lay.grad_accum
+    hidden = 3 * gather - exposed
+    return (exposed + OVERLAP_COST * hidden + 2 * modules * ZERO3_FETCH_S) * lay.grad_accum
 
 
 # ---- compute ---------------------------------------------------------------------------------------------
-def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware, lean_passes: tuple[int, int] | None = None) -> float:
+def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware,
+                    lean_passes: tuple[int, int] | None = None) -> tuple[float, float]:
     """Compute time of one micro-batch: matmul FLOPs at hw.matmul_efficiency plus elementwise bytes at
     hw.hbm_efficiency; each rank does 1/tp of the matmuls and of the [T, n] elementwise work (the [T, d] work
     is replicated over TP). `lean_passes` (forward, backward) replaces the lean Pattention's pass counts, to
-    ask what a fused Θ kernel would give."""
+    ask what a fused Θ kernel would give. Returns (matmul seconds, elementwise seconds)."""
     tokens = lay.micro_batch * m.seq_len
     b = hw.dtype_bytes
     fwd_flops = forward_flops_per_token(m) * tokens / lay.tp
@@ -261,7 +270,7 @@ def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware, lean_passes: tupl
     elem += tokens * CE_PASSES * m.vocab_size / lay.tp * 4
     t_mm = flops / (hw.peak_flops * hw.matmul_efficiency)
     t_elem = elem / (hw.hbm_bandwidth * hw.hbm_efficiency)
-    return t_mm + t_elem
+    return t_mm, t_elem
 
 
 # ---- memory ----------------------------------------------------------------------------------------------
@@ -343,7 +352,8 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, reduce_bucket: 
              overlap_comm: bool = False, lean_passes: tuple[int, int] | None = None) -> Estimate:
     m = cfg.model
     mem = memory(m, lay, hw, reduce_bucket, overlap_comm)
-    micro_s = compute_seconds(m, lay, hw, lean_passes)
+    mm_s, elem_s = compute_seconds(m, lay, hw, lean_passes)
+    micro_s = mm_s + elem_s
     tokens = lay.micro_batch * m.seq_len
     tp_s = tp_comm_seconds(m, lay.tp, tokens, hw, lay.activation_checkpointing) * lay.grad_accum
     dp_s = dp_comm_seconds(m, lay, hw, nodes, micro_s, overlap_comm)
@@ -357,7 +367,7 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, reduce_bucket: 
                               f"{hw.memory / GB:.1f} GB ({_largest_term(mem)})")
     return Estimate(lay, mem["weights"], mem["grads"], mem["optimizer"], mem["bucket"], mem["activations"],
                     mem["workspace"], mem["peak"], mem["phase_peaks"], micro_s * lay.grad_accum, tp_s, dp_s, step,
-                    tok_s, mfu, fits, reason)
+                    tok_s, mfu, fits, reason, mm_s * lay.grad_accum, elem_s * lay.grad_accum)
 
 
 def _largest_term(mem: dict[str, float]) -> str:
@@ -404,10 +414,10 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None =
                 out.append(_invalid(lay, problem))
             continue
         out.append(estimate(cfg, lay, hw, nodes, reduce_bucket, overlap_comm, lean_passes))
-    # fastest first; ties (equal time: compute is linear in tokens here) go to the lower ZeRO stage, no
-    # checkpointing, the smaller TP, then the larger micro-batch (fewer, larger kernels than the model counts)
-    out.sort(key=lambda e: (not e.fits, round(e.step_s, 6) if e.fits else e.peak, e.layout.zero_stage,
-                            e.layout.activation_checkpointing, e.layout.tp, -e.layout.micro_batch))
+    # fastest first; ties (equal time: compute is linear in tokens in this model) go to the larger micro-batch
+    # (fewer, larger kernels than the model counts), then to the smaller memory
+    out.sort(key=lambda e: (not e.fits, round(e.step_s, 6) if e.fits else e.peak, -e.layout.micro_batch,
+                            e.peak if e.fits else 0.0))
     return out
 
 
