@@ -329,11 +329,10 @@ class PlanError(ValueError):
 
 
 def global_batch(cfg: Config, world: int) -> int:
-    """Sequences per optimizer step the config trains at this world size (what the trainer would run)."""
-    if world % cfg.parallel.tp:
-        raise PlanError(f"{cfg.source}: parallel.tp={cfg.parallel.tp} does not divide {world} GPUs; the config's "
-                        f"global batch (micro_batch_size x grad_accum_steps x world/tp) is undefined there")
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * (world // cfg.parallel.tp)
+    """Sequences per optimizer step the config trains at this world size (what the trainer would run:
+    micro_batch_size x grad_accum_steps x world/tp). Where the config's tp does not divide the world (e.g. one
+    GPU), its DP size is taken as max(1, world // tp)."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * max(1, world // cfg.parallel.tp)
 
 
 def layout_problem(m: ModelConfig, tp: int, micro_batch: int, gpus_per_node: int) -> str:
