@@ -50,7 +50,8 @@ def test_scripts_parse_and_pass_shellcheck() -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SlurmCluster]:
-    c = SlurmCluster(cpus=4, nodes=2).start()
+    # 2 CPUs per node: 1 per rank, so 4 ranks do not oversubscribe 2 real cores with OMP threads
+    c = SlurmCluster(cpus=2, nodes=2).start()
     try:
         yield c
     finally:
@@ -122,9 +123,9 @@ def test_pretrain_script_runs_on_two_nodes_with_two_tasks_each(cluster: SlurmClu
     info, log = tiny_run["info"], tiny_run["out"].read_text()
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
     assert info["NodeList"] == "tfd[1-2]" and info["NumNodes"] == "2", info
-    # the rendezvous is the first node's NodeAddr; each rank gets 4 CPUs / 2 tasks = 2 OMP threads
+    # the rendezvous is the first node's NodeAddr; each rank gets 2 CPUs / 2 tasks = 1 OMP thread
     assert "4 ranks (2 node(s) x 2, GPUs/node 0), rendezvous 127.0.0.1:" in log and "--tp 2" in log, log
-    assert "2 CPU(s) and 2 OMP thread(s) per rank" in log, log
+    assert "1 CPU(s) and 1 OMP thread(s) per rank" in log, log
     # Slurm's own records: each node's slurmd launched the trainer step (srun --ntasks-per-node=2; every
     # rank checks at start-up that it runs on node rank // 2, see parallel.check_tp_within_node)
     for node in ("tfd1", "tfd2"):
@@ -208,7 +209,8 @@ def test_progressive_submits_the_ladder_as_an_afterok_chain(cluster: SlurmCluste
     """All four OWT stages and the three expansions, submitted held (nothing runs): 7 jobs, each depending
     on the one before it with afterok, each stage with its run dir, config and INIT_FROM."""
     env = {"RUN_ROOT": str(tmp_path / "runs"), "SBATCH_ARGS": f"--hold --output={tmp_path}/%x-%j.out",
-           "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2"}  # this cluster has no GPUs
+           "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2",  # this cluster has no GPUs
+           "EXPAND_SBATCH_ARGS": "--cpus-per-task=2"}  # its nodes have 2 CPUs
     jobs = _progressive(cluster, env)
     order = ["124m", "expand->354m", "354m", "expand->757m", "757m", "expand->1p4b", "1p4b"]
     try:
@@ -238,7 +240,8 @@ def test_progressive_stage_expands_and_trains_from_the_previous_stage(cluster: S
     env = {"RUN_ROOT": str(runs), "FROM_STAGE": "354m", "TO_STAGE": "354m",
            "CONFIG_354M": str(tmp_path / "grown.yaml"), "DATA": str(data_dir), "PYTHON": sys.executable,
            "NODES": "2", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2", "TIME": "30",
-           "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out", "EXPAND_ARGS": "--no-progress"}
+           "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out", "EXPAND_ARGS": "--no-progress",
+           "EXPAND_SBATCH_ARGS": "--cpus-per-task=2"}
     steps = 3
     jobs = _progressive(cluster, env, "--steps", str(steps), *TINY)
     assert list(jobs) == ["expand->354m", "354m"], jobs
