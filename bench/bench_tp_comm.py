@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tokenformer_dist.net import free_port
 from tokenformer_dist.plan import tp_layer_comm_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,10 @@ def megatron_dense_block(tp: int):
 
 
 def worker(tokens: int) -> None:
+    from megatron.core import parallel_state
+
     from tokenformer_dist.config import ModelConfig
+    from tokenformer_dist.model import parallelize
     from tokenformer_dist.model.tokenformer import TokenFormerBlock
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
 
@@ -142,9 +145,6 @@ def worker(tokens: int) -> None:
     grad = torch.randn(1, tokens, D, generator=gen)
     for norm in ("l2_norm_gelu", "softmax"):
         for impl in ("lean", "reference"):
-            from tokenformer_dist.model.pattention import set_default_impl
-
-            set_default_impl(impl)
             cfg = ModelConfig(
                 d_model=D,
                 n_heads=HEADS,
@@ -153,8 +153,9 @@ def worker(tokens: int) -> None:
                 ffn_tokens=FFN,
                 norm=norm,
                 seq_len=tokens,
+                pattention_impl=impl,
             )
-            block = TokenFormerBlock(cfg)
+            block = parallelize(TokenFormerBlock(cfg), parallel_state.get_tensor_model_parallel_group())
             x = x0.clone().requires_grad_()
             LOG.clear()
             PHASE["name"] = "fwd"
@@ -199,10 +200,7 @@ def main() -> None:
         f"tokens {QKV}/{PROJ}/{FFN}; ring-algorithm cost of each collective actually issued"
     )
     for tp in args.tp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [
             sys.executable,
             "-m",
@@ -210,7 +208,7 @@ def main() -> None:
             "--nproc_per_node",
             str(tp),
             "--master_port",
-            str(port),
+            str(free_port()),
             __file__,
             "--worker",
             "--tokens",
