@@ -109,10 +109,11 @@ def _allocation_peaks(prof) -> dict[str, int]:
 def worker(case: Case, steps: int) -> None:
     import deepspeed
     import torch
+    from megatron.core import parallel_state
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.model import TokenFormer
+    from tokenformer_dist.model import TokenFormer, parallelize
     from tokenformer_dist.parallel import DeepSpeedMPU, destroy_distributed, init_distributed
     from tokenformer_dist.train import build_optimizer, deepspeed_config, tune_cpu_allocator
 
@@ -133,6 +134,7 @@ def worker(case: Case, steps: int) -> None:
         with record_function("phase:build"):
             torch.manual_seed(cfg.train.seed)
             model = TokenFormer(m, seed=cfg.train.seed, activation_checkpointing=cfg.parallel.activation_checkpointing)
+            model = parallelize(model, parallel_state.get_tensor_model_parallel_group())  # as the trainer
             optimizer = build_optimizer(model, cfg, fused=False)
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
                                               config=deepspeed_config(cfg, info.dp_size, False, False))
@@ -233,12 +235,12 @@ def tables() -> None:
 
 def predict(case: Case) -> dict:
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.plan import HARDWARE, Layout, memory
+    from tokenformer_dist.plan import HARDWARE, Layout, memory, zero_settings
 
     cfg = load_config(REPO / case.config, list(case.overrides), case.tp)
     hw = HARDWARE["cpu"]
     lay = Layout(case.tp, case.dp, case.zero_stage, case.micro_batch, 1, case.checkpointing)
-    return memory(cfg.model, lay, hw)
+    return memory(cfg.model, lay, hw, zero_settings(cfg))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,10 @@ def test_memory_terms_by_hand():
     assert mem["grads"] == p * 2
     assert mem["optimizer"] == (4 + 8) * p / 4  # fp32 master + Adam m, v, partitioned over dp 4
     assert mem["bucket"] == 500_000_000 * 2  # DeepSpeed's default reduce bucket, bf16
-    # per token per block: 4d replicated + 4d attention at TP 1 + Σn = 256 + 256 + 512 bf16, 5 + 4 + 4 heads fp32
-    assert activation_elements_per_token(SMALL, 1) == (1024, 13)
+    # per token per block: 4d replicated + 5d attention at TP 1 + Σn = 256 + 320 + 512 bf16, 5 + 4 + 4 heads fp32
+    assert activation_elements_per_token(SMALL, 1) == (1088, 13)
     tokens = 2 * 32
-    block = tokens * (1024 * 2 + 13 * 4)
+    block = tokens * (1088 * 2 + 13 * 4)
     head_kept = tokens * (2 * 64 * 2 + 1024 * 4)  # final LN in/out bf16 + log-softmax fp32 [T, V]
     assert mem["activations"] == 2 * block + head_kept
     assert mem["peak"] == max(mem["phase_peaks"].values()) + HARDWARE["a100"].workspace

@@ -91,6 +91,21 @@ CE_PASSES = 8
 
 
 @dataclass(frozen=True)
+class ZeroSettings:
+    """DeepSpeed settings that change memory and overlap (from the config's parallel section when present)."""
+
+    reduce_bucket: int = DEFAULT_REDUCE_BUCKET  # elements
+    overlap_comm: bool = False  # DeepSpeed's default for ZeRO 1/2
+    fp32_grads: bool = False  # bf16 runs that reduce and accumulate gradients in fp32
+
+
+def zero_settings(cfg: Config) -> ZeroSettings:
+    p = cfg.parallel
+    return ZeroSettings(int(getattr(p, "reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
+                        bool(getattr(p, "overlap_comm", False)), getattr(p, "grad_reduce_dtype", None) == "fp32")
+
+
+@dataclass(frozen=True)
 class Layout:
     tp: int
     dp: int
@@ -149,14 +164,14 @@ def activation_elements_per_token(m: ModelConfig, tp: int) -> tuple[float, float
     From the block's forward (model/tokenformer.py, attention.py), checked with saved_tensors_hooks:
       d-sized, replicated over TP: block input (LN1), LN1 output (shared by the Q, K, V Pattentions),
         residual after attention (LN2), LN2 output (FFN input)                                   4d
-      attention at TP 1: V's pair copy, rotary Q and K, SDPA output (the proj input is a view of it) 4d
+      attention at TP 1: V's pair copy, rotary Q and K, SDPA output, the proj input (pairs reshaped) 5d
       attention at TP > 1: proj input (all-gathered pairs, reshaped: a copy) d; the reduce-scattered
         [pairs, 3, s, hd] Q/K/V storage 3d/tp (V is a view into it); rotary Q, K and SDPA output 3d/tp
       lean Pattention: one [tokens, n/tp] tensor each (A)                       (3·n_qkv + n_proj + n_ffn)/tp
       fp32: 5 Pattention normalizers, 2 LayerNorms' mean and rstd, SDPA's log-sum-exp per local pair
     """
     d = m.d_model
-    attention = 4 * d if tp == 1 else d + 6 * d / tp
+    attention = 5 * d if tp == 1 else d + 6 * d / tp
     n_sum = (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens) / tp
     return 4 * d + attention + n_sum, 5 + 4 + m.n_heads / tp
 
@@ -216,7 +231,7 @@ def tp_comm_seconds(m: ModelConfig, tp: int, tokens: int, hw: Hardware, checkpoi
 
 
 def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro_s: float,
-                    overlap_comm: bool) -> float:
+                    zs: ZeroSettings = ZeroSettings()) -> float:
     """Exposed data-parallel time per optimizer step. Gradients and weights travel in the model dtype; a ring
     over dp ranks sends (dp−1)/dp of the buffer per GPU, over InfiniBand when the DP group spans nodes.
 
@@ -236,19 +251,20 @@ def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro
     p_rank = params_per_rank(m, lay.tp)
     bw = hw.ib_bandwidth if nodes > 1 else hw.nvlink_bandwidth
     lat = math.log2(lay.dp) * hw.latency
-    ring = (lay.dp - 1) / lay.dp * p_rank * hw.dtype_bytes / bw + lat
+    ring = (lay.dp - 1) / lay.dp * p_rank * hw.dtype_bytes / bw + lat  # weights (model dtype)
+    g_ring = ring if not zs.fp32_grads else (lay.dp - 1) / lay.dp * p_rank * 4 / bw + lat  # gradients
     fwd_s, bwd_s = micro_s / 3, micro_s * 2 / 3
     if lay.zero_stage == 0:
-        return 2 * ring
+        return 2 * g_ring
     if lay.zero_stage in (1, 2):
         reduces = 1 if lay.zero_stage == 1 else lay.grad_accum
-        rs = ring * reduces
-        hidden = min(bwd_s * reduces, rs) if overlap_comm else 0.0
+        rs = g_ring * reduces
+        hidden = min(bwd_s * reduces, rs) if zs.overlap_comm else 0.0
         return rs - hidden * (1 - OVERLAP_COST) + ring
     modules = 5 * m.n_layers + 2  # the Pattentions, the embedding, the final LayerNorm
     gather = ring - lat + modules * lat
-    exposed = max(0.0, gather - 0.8 * fwd_s) + max(0.0, gather + ring - 0.8 * bwd_s)
-    hidden = 3 * gather - exposed
+    exposed = max(0.0, gather - 0.8 * fwd_s) + max(0.0, gather + g_ring - 0.8 * bwd_s)
+    hidden = 2 * gather + g_ring - exposed
     return (exposed + OVERLAP_COST * hidden + 2 * modules * ZERO3_FETCH_S) * lay.grad_accum
 
 
@@ -274,17 +290,17 @@ def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware,
 
 
 # ---- memory ----------------------------------------------------------------------------------------------
-def memory(m: ModelConfig, lay: Layout, hw: Hardware, reduce_bucket: int = DEFAULT_REDUCE_BUCKET,
-           overlap_comm: bool = False) -> dict[str, float]:
+def memory(m: ModelConfig, lay: Layout, hw: Hardware, zs: ZeroSettings = ZeroSettings()) -> dict[str, float]:
     """Per-GPU memory terms and phase peaks in bytes (see the module docstring)."""
     w, dp, z, tp = hw.dtype_bytes, lay.dp, lay.zero_stage, lay.tp
+    g = 4 if zs.fp32_grads else w  # gradient (accumulation and reduction) dtype
     p = params_per_rank(m, tp)
     tokens = lay.micro_batch * m.seq_len
     weights = p * w if z < 3 else p * w / dp + 2 * largest_layer_params(m, tp) * w
-    grads = p * w if z < 2 else p * w / dp
+    grads = p * g if z < 2 else p * g / dp
     master = 0.0 if (z == 0 and w == 4) else p * 4
     optimizer = (master + 8 * p) / (dp if z >= 1 else 1)
-    bucket = 0.0 if z == 0 else min(reduce_bucket, 10**12) * w * (2 if overlap_comm else 1)
+    bucket = 0.0 if z == 0 else zs.reduce_bucket * g * (2 if zs.overlap_comm else 1)
     static = weights + optimizer
 
     cdt, f32 = activation_elements_per_token(m, tp)
@@ -303,7 +319,7 @@ def memory(m: ModelConfig, lay: Layout, hw: Hardware, reduce_bucket: int = DEFAU
     # DeepSpeed allocates the bucket at the first gradient hook (the final LayerNorm's, right after the loss
     # head's backward) and frees it after the step's reduction; with grad-accum it lives across micro-batches
     bucket_fwd = bucket if lay.grad_accum > 1 else 0.0
-    grads_live = p * w if z < 2 else grads + largest_layer_params(m, tp) * w
+    grads_live = p * g if z < 2 else grads + largest_layer_params(m, tp) * g
     fwd = static + grads_during + bucket_fwd + kept + head_fwd
     head = static + grads_during + bucket_fwd + kept + head_bwd
     blocks_bwd = (static + grads_during + bucket + blocks + recompute + tokens * 2 * m.d_model * w + embed_grad
@@ -311,13 +327,13 @@ def memory(m: ModelConfig, lay: Layout, hw: Hardware, reduce_bucket: int = DEFAU
     # end: all gradients, and the embedding's dense gradient being summed with the output layer's
     bwd_end = static + bucket + grads_live + 2 * embed_grad
     if z == 0:
-        bwd_end += min(p, reduce_bucket) * w  # the engine's flattened all-reduce buffer
+        bwd_end += min(p, zs.reduce_bucket) * g  # the engine's flattened all-reduce buffer
     # optimizer step: ZeRO 1/2 copy this rank's gradient partition out of the bucket and flatten it to fp32;
     # torch's single-tensor AdamW (CPU) makes two [P/dp] fp32 temporaries (sqrt, divide); fused AdamW none
     part = p / (dp if z >= 1 else 1)
-    flat = part * (w + 4) if w != 4 else part * 4
+    flat = part * (g + 4) if g != 4 else part * 4
     adam_tmp = 0.0 if hw.fused_adam else 2 * part * 4
-    opt = static + (grads if z < 1 else part * w) + flat + adam_tmp
+    opt = static + (grads if z < 1 else part * g) + flat + adam_tmp
     phases = {"forward": fwd, "backward": max(head, blocks_bwd, bwd_end), "optimizer": opt}
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "bucket": bucket, "activations": kept,
             "workspace": hw.workspace, "phase_peaks": phases, "peak": max(phases.values()) + hw.workspace}
@@ -347,15 +363,16 @@ def layout_problem(m: ModelConfig, tp: int, micro_batch: int, gpus_per_node: int
     return ""
 
 
-def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, reduce_bucket: int = DEFAULT_REDUCE_BUCKET,
-             overlap_comm: bool = False, lean_passes: tuple[int, int] | None = None) -> Estimate:
+def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, zs: ZeroSettings | None = None,
+             lean_passes: tuple[int, int] | None = None) -> Estimate:
     m = cfg.model
-    mem = memory(m, lay, hw, reduce_bucket, overlap_comm)
+    zs = zs or zero_settings(cfg)
+    mem = memory(m, lay, hw, zs)
     mm_s, elem_s = compute_seconds(m, lay, hw, lean_passes)
     micro_s = mm_s + elem_s
     tokens = lay.micro_batch * m.seq_len
     tp_s = tp_comm_seconds(m, lay.tp, tokens, hw, lay.activation_checkpointing) * lay.grad_accum
-    dp_s = dp_comm_seconds(m, lay, hw, nodes, micro_s, overlap_comm)
+    dp_s = dp_comm_seconds(m, lay, hw, nodes, micro_s, zs)
     step = micro_s * lay.grad_accum + tp_s + dp_s
     world = lay.tp * lay.dp
     tok_s = tokens * lay.grad_accum * lay.dp / step
@@ -377,10 +394,9 @@ def _largest_term(mem: dict[str, float]) -> str:
 
 def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None = None,
          micro_batch: int | None = None, zero_stage: int | None = None, checkpointing: bool | None = None,
-         reduce_bucket: int = DEFAULT_REDUCE_BUCKET, overlap_comm: bool = False,
-         lean_passes: tuple[int, int] | None = None) -> list[Estimate]:
+         zs: ZeroSettings | None = None, lean_passes: tuple[int, int] | None = None) -> list[Estimate]:
     """Every layout (fixed arguments respected) with its estimate, fastest first; layouts that cannot run or
-    fit carry a one-line `reason` and `fits=False`."""
+    fit carry a one-line `reason` and `fits=False`. `zs`: DeepSpeed settings (default: the config's)."""
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"--nodes {nodes} / --gpus-per-node {gpus_per_node}: both must be >= 1")
     if gpu not in HARDWARE:
@@ -398,10 +414,10 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None =
     seqs = global_batch(cfg, world)
     tps = [tp] if tp is not None else [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0]
     mbs = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)
-    zs = [zero_stage] if zero_stage is not None else list(ZERO_STAGES)
+    stages = [zero_stage] if zero_stage is not None else list(ZERO_STAGES)
     cks = [checkpointing] if checkpointing is not None else [False, True]
     out: list[Estimate] = []
-    for t, b, z, ck in itertools.product(tps, mbs, zs, cks):
+    for t, b, z, ck in itertools.product(tps, mbs, stages, cks):
         dp = world // t
         ga, rem = divmod(seqs, b * dp)
         lay = Layout(t, dp, z, b, max(ga, 1), ck)
@@ -412,7 +428,7 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None =
             if tp is not None or micro_batch is not None or not problem.startswith("global batch"):
                 out.append(_invalid(lay, problem))
             continue
-        out.append(estimate(cfg, lay, hw, nodes, reduce_bucket, overlap_comm, lean_passes))
+        out.append(estimate(cfg, lay, hw, nodes, zs, lean_passes))
     # fastest first; ties (equal time: compute is linear in tokens in this model) go to the larger micro-batch
     # (fewer, larger kernels than the model counts), then to the smaller memory
     out.sort(key=lambda e: (not e.fits, round(e.step_s, 6) if e.fits else e.peak, -e.layout.micro_batch,
@@ -500,9 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         cfg = load_config(args.config)
         estimates = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.tp, args.micro_batch,
-                         args.zero_stage, args.activation_checkpointing,
-                         reduce_bucket=int(getattr(cfg.parallel, "reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-                         overlap_comm=bool(getattr(cfg.parallel, "overlap_comm", False)))
+                         args.zero_stage, args.activation_checkpointing)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
