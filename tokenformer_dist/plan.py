@@ -7,15 +7,17 @@ trainer configures it); `bench/bench_plan.py` checks the memory terms against re
 Memory per GPU (bytes), with P = parameters on this rank (TP-sharded), w = bytes of the model dtype
 (bf16 2 on a GPU, fp32 4 on CPU), dp = data-parallel size:
   weights     P·w                        (ZeRO 3: P·w/dp plus the gathered layer being computed)
-  grads       P·w, ZeRO 2/3: P·w/dp      (DeepSpeed's grad_accum_dtype defaults to the model dtype)
+  grads       P·g, ZeRO 2/3: P·g/dp      (g = w, DeepSpeed's default; 4 with parallel.grad_reduce_dtype fp32)
   optimizer   fp32 master P·4 + AdamW m, v P·8; divided by dp for ZeRO >= 1 (ZeRO 0 fp32 has no master)
   bucket      DeepSpeed ZeRO 1/2 allocate a contiguous gradient bucket of reduce_bucket_size elements
-              (5e8 by default) in the gradient dtype at every backward (x2 with overlap_comm)
+              (5e8 by default) in the gradient dtype at the first gradient hook of every step (x2 with
+              overlap_comm); ZeroSettings / `zero_settings(cfg)` read these from the config when present
   activations per micro-batch, T = micro_batch·seq tokens (see `activation_elements_per_token`)
   workspace   GPU: CUDA context, cuBLAS and NCCL buffers (a constant per GPU kind); transients of the loss
               head, a block's backward and the optimizer step are part of the phase peaks below
-The peak is the largest of three phases: end of forward, the backward (start: all activations plus the loss
-head's gradient buffers; end: all gradients plus the tied embedding's gradient sum), optimizer step.
+The peak is the largest of the phases: end of forward; the loss head's backward; the blocks' backward (all
+activations, the bucket, a block's backward buffers); the end of backward (all gradients plus the tied
+embedding's gradient sum); the optimizer step.
 
 Step time = compute + exposed communication:
   compute     matmul FLOPs (metrics.flops_per_token; + one forward with checkpointing) at an achievable
