@@ -54,8 +54,8 @@ CASES = [
     Case("124m-tp1-mb2", "configs/owt_124m.yaml", tp=1, dp=1, micro_batch=2, zero_stage=1, checkpointing=False),
     Case("124m-tp2-mb4-ckpt", "configs/owt_124m.yaml", tp=2, dp=1, micro_batch=4, zero_stage=1,
          checkpointing=True),
-    Case("354m-tp2-mb2-s256", "configs/owt_354m.yaml", tp=2, dp=1, micro_batch=2, zero_stage=1,
-         checkpointing=False, overrides=("model.seq_len=256",)),
+    Case("pile150m-tp2-mb1", "configs/pile_150m.yaml", tp=2, dp=1, micro_batch=1, zero_stage=1,
+         checkpointing=False),
     Case("124m-dp2-mb1-s512", "configs/owt_124m.yaml", tp=1, dp=2, micro_batch=1, zero_stage=1,
          checkpointing=False, overrides=("model.seq_len=512",)),
 ]
