@@ -148,7 +148,10 @@ def main() -> None:
 
     from tokenformer_dist.model import TokenFormer
     from tokenformer_dist.parallel import DeepSpeedMPU, init_distributed
-    from tokenformer_dist.train import build_optimizer, deepspeed_config, train_step, tune_cpu_allocator
+    from tokenformer_dist.allocator import tune_cpu_allocator
+    from tokenformer_dist.ds_config import deepspeed_config
+    from tokenformer_dist.optim import build_optimizer
+    from tokenformer_dist.trainer import train_step
 
     os.environ.setdefault("MASTER_PORT", "29561")
     init_distributed(1)
@@ -167,7 +170,7 @@ def main() -> None:
     host = torch.device("cpu")
 
     def ours_step() -> float:
-        return train_step(engine, batches, t.lr, 1, host).item()
+        return train_step(engine, batches, t.lr, 1).item()
 
     def base_step() -> float:
         for group in base_opt.param_groups:

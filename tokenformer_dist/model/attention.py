@@ -28,10 +28,14 @@ _ROPE_FLAGS = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False,
                               mrope_section=None)
 
 
+def pair_batch_multiple(n_heads: int, tp_size: int) -> int:
+    """The micro-batch sizes whose b·H (sequence, head) pairs split evenly over tp are its multiples."""
+    return tp_size // math.gcd(n_heads, tp_size)
+
+
 def check_pair_partition(batch: int, n_heads: int, tp_size: int) -> None:
     """Raise a clear error when b·H (sequence, head) pairs cannot be split evenly over the TP ranks."""
-    if (batch * n_heads) % tp_size:
-        need = tp_size // math.gcd(n_heads, tp_size)
+    if batch % (need := pair_batch_multiple(n_heads, tp_size)):
         raise ValueError(
             f"attention partitions (sequence, head) pairs: micro-batch {batch} x {n_heads} heads = "
             f"{batch * n_heads} pairs cannot be split evenly over tp={tp_size}; use a micro-batch size that "

@@ -10,8 +10,6 @@ Init: key tokens and embedding N(0, 0.02); value tokens N(0, 2/(L·√d)).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -62,11 +60,12 @@ class TokenFormer(torch.nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, seed: int = 1234, activation_checkpointing: bool = False,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 init: bool = True) -> None:
+        """init=False leaves the parameters uninitialised (torch.empty), for callers that load weights next:
+        the master init draws every full-size tensor on every rank."""
         super().__init__()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
-        self.autocast_dtype = autocast_dtype
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             use_cpu_initialization=True, perform_initialization=False, params_dtype=torch.float32,
@@ -77,7 +76,8 @@ class TokenFormer(torch.nn.Module):
             set_tensor_model_parallel_attributes(self.embedding.weight, is_parallel=True, dim=0, stride=1)
         self.blocks = torch.nn.ModuleList(TokenFormerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = torch.nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.init_master(seed)
+        if init:
+            self.init_master(seed)
 
     @torch.no_grad()
     def init_master(self, seed: int) -> None:
@@ -93,21 +93,15 @@ class TokenFormer(torch.nn.Module):
             block.ffn.init_master(f"blocks.{i}.ffn", cfg.init_std, value_std, seed)
         self.final_norm.reset_parameters()
 
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        with self._autocast(tokens.device):
-            x = self.embedding(tokens)  # [b, s, d], all-reduced over the vocab shards
-            for block in self.blocks:
-                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(block, x, use_reentrant=False)
-                else:
-                    x = block(x)
-            h = copy_to_tensor_model_parallel_region(self.final_norm(x))
-            logits = h @ self.embedding.weight.t()  # [b, s, V/tp]: tied output layer, vocab-sharded
+        x = self.embedding(tokens)  # [b, s, d], all-reduced over the vocab shards
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        h = copy_to_tensor_model_parallel_region(self.final_norm(x))
+        logits = h @ self.embedding.weight.t()  # [b, s, V/tp]: tied output layer, vocab-sharded
         if labels is None:
             return logits
         return self.token_losses(logits, labels).mean()
