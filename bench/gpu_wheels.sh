@@ -9,7 +9,7 @@
 # ops are not used by this trainer). Everything else is a binary wheel for CPython X.Y on manylinux x86_64.
 # Prints the total size; fails if it exceeds 64 MiB. Ray is not in the set: the trainer never imports it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 PYVER=3.12
 OUT=.whl
 while [ $# -gt 0 ]; do
@@ -32,7 +32,7 @@ PKGS=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   typing-extensions==4.16.0
   zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
-  pyyaml==6.0.4 packaging==26.4 tqdm==4.70.1
+  pyyaml==6.0.4 packaging==26.4 tqdm==4.70.1 numpy==2.4.6
   pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0
 )
 "$PY" -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version "$PYVER" \

@@ -381,3 +381,38 @@ def check_vocab(data_vocab: int, model_vocab: int, data_dir: str | Path) -> None
     if data_vocab > model_vocab:
         raise DatasetError(f"{data_dir}: dataset vocab_size {data_vocab} (manifest.json) exceeds model.vocab_size "
                            f"{model_vocab}; set model.vocab_size >= {data_vocab} (a multiple of parallel.tp)")
+
+
+def write_synthetic_dataset(out: str | Path, vocab_size: int, train_tokens: int, val_tokens: int,
+                            seed: int = 0) -> Path:
+    """A dataset in this module's format from a fixed random bigram chain (learnable: each token has 4
+    likely successors), without a tokenizer, Ray or zarr: for GPU acceptance runs on air-gapped nodes and
+    throughput benchmarks. One uncompressed chunk per split; doc_offsets mark one document per split."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    succ = rng.integers(0, vocab_size, size=(vocab_size, 4))
+    dtype = np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+    splits = {}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        toks = np.empty(n, dtype=np.int64)
+        toks[0] = 0
+        choice = rng.integers(0, 4, size=n)
+        for i in range(1, n):
+            toks[i] = succ[toks[i - 1], choice[i]]
+        for name, arr in (("tokens", toks.astype(dtype)), ("doc_offsets", np.array([0, n], dtype="<i8"))):
+            d = out / split / name
+            (d / "c").mkdir(parents=True, exist_ok=True)
+            arr.tofile(d / "c" / "0")
+            meta = {"shape": [len(arr)], "data_type": arr.dtype.name,
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [len(arr)]}},
+                    "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                    "fill_value": 0, "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                    "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
+            (d / "zarr.json").write_text(json.dumps(meta))
+        splits[split] = {"documents": 1, "tokens": n, "tokens_array": f"{split}/tokens",
+                         "doc_offsets_array": f"{split}/doc_offsets", "chunk_tokens": n}
+    (out / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    manifest = {"format": FORMAT, "format_version": 1, "vocab_size": vocab_size, "eod_id": 0,
+                "dtype": dtype.name, "splits": splits, "synthetic": {"seed": seed}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the dataset complete
+    return out
