@@ -67,6 +67,10 @@ def test_fail_fast_when_the_job_has_gpus_but_torch_has_no_cuda(monkeypatch):
     for k in (*GPU_ENV_VARS, "TOKENFORMER_DIST_ALLOW_CPU"):
         monkeypatch.delenv(k, raising=False)
     check_gpu_environment(cuda_available=False)  # no GPU given: fine
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
+    monkeypatch.setenv("SLURM_GPUS_PER_NODE", "a100:0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    check_gpu_environment(cuda_available=False)  # counts of 0 and an empty device list give no GPU
     monkeypatch.setenv("SLURM_JOB_GPUS", "0,1")
     with pytest.raises(LaunchError, match="SLURM_JOB_GPUS=0,1.*torch.cuda is not available"):
         check_gpu_environment(cuda_available=False)

@@ -74,6 +74,18 @@ class LaunchError(ValueError):
     """The job's environment contradicts what this process can do (one line; the trainer exits 2)."""
 
 
+def _names_gpus(var: str, value: str) -> bool:
+    """Whether `var=value` hands the task at least one GPU. Counts (SLURM_GPUS*, possibly "a100:8") of 0 do
+    not; device lists (CUDA_VISIBLE_DEVICES, SLURM_*_GPUS) do unless empty, "-1" or "NoDevFiles"."""
+    value = value.strip()
+    if value in ("", "-1", "NoDevFiles"):
+        return False
+    if var.startswith("SLURM_GPUS"):
+        count = value.split(",")[0].rsplit(":", 1)[-1].split("(")[0]
+        return not (count.isdigit() and int(count) == 0)
+    return True
+
+
 def check_gpu_environment(cuda_available: bool | None = None) -> None:
     """Fail fast when the job was given GPUs but torch cannot use CUDA.
 
@@ -84,7 +96,7 @@ def check_gpu_environment(cuda_available: bool | None = None) -> None:
         cuda_available = torch.cuda.is_available()
     if cuda_available or os.environ.get("TOKENFORMER_DIST_ALLOW_CPU") == "1":
         return
-    given = {k: os.environ[k] for k in GPU_ENV_VARS if os.environ.get(k, "").strip() not in ("", "-1", "NoDevFiles")}
+    given = {k: os.environ[k] for k in GPU_ENV_VARS if _names_gpus(k, os.environ.get(k, ""))}
     if given:
         k, v = next(iter(given.items()))
         raise LaunchError(f"the job was given GPUs ({k}={v}) but torch.cuda is not available (torch "
