@@ -24,8 +24,9 @@ COLLECTIVES = {
     "isend", "irecv", "batch_isend_irecv",
 }
 # The only files allowed to call torch.distributed collectives besides comm.py: the model's named autograd
-# collectives (megatron-core's own mappings live in megatron, outside this package).
-ALLOWED = {"comm.py", "model/mappings.py", "model/lean.py"}
+# collectives -- Pattention's normalizer all-reduces (mappings.py, lean.py) and the vocab-parallel cross
+# entropy on an explicit group (tensor_parallel.py). megatron-core's own mappings live in megatron.
+ALLOWED = {"comm.py", "model/mappings.py", "model/lean.py", "model/tensor_parallel.py"}
 
 
 def _collective_calls(path: Path) -> list[str]:

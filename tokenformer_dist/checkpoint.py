@@ -31,19 +31,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenformer_dist import comm
+from tokenformer_dist.atomic import atomic_path, atomic_write_text
 from tokenformer_dist.config import Config, load_config
-from tokenformer_dist.weights import (
-    CONFIG,
-    atomic_write_text,
-    is_tp_sharded,
-    is_weights_dir,
-    rank_file,
-    read_manifest,
-    write_rank_file,
-)
+from tokenformer_dist.sharding import is_tp_sharded, join_parts, universal_checkpoint_info
+from tokenformer_dist.weights import CONFIG, META, checkpoint_tp, is_weights_dir, rank_file
 
 LATEST = "latest"
-META = "meta.json"
 UNIVERSAL = "universal"
 
 
@@ -86,16 +79,11 @@ def read_config(ckpt_dir: str | Path) -> Config:
     return load_config(resolve_checkpoint(ckpt_dir) / CONFIG)
 
 
-def checkpoint_tp(ckpt_dir: str | Path) -> int:
-    d = Path(ckpt_dir)
-    return int(read_manifest(d)["tp"]) if is_weights_dir(d) else int(read_meta(d)["tp"])
-
-
 def iter_weight_blocks(ckpt_dir: str | Path) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(name, row blocks) of every weight of a checkpoint or weights dir, one tensor at a time.
 
-    A TP-sharded tensor comes as its per-rank blocks in rank order (concatenated along dim 0 they are the
-    full tensor); a replicated one (and a tau buffer) as [rank 0's copy]. Blocks are read from memory-mapped
+    A TP-sharded tensor comes as its per-rank blocks in rank order (`sharding.join_parts` makes them the full
+    tensor); a replicated one (and a tau buffer) as [rank 0's copy]. Blocks are read from memory-mapped
     safetensors files, so memory is bounded by one tensor. Names come in a fixed (sorted) order.
     """
     d = resolve_checkpoint(ckpt_dir)
@@ -112,18 +100,7 @@ def iter_weight_blocks(ckpt_dir: str | Path) -> Iterator[tuple[str, list[torch.T
 def iter_full_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (unsharded) fp32 tensors by state_dict name, one at a time (see `iter_weight_blocks`)."""
     for name, blocks in iter_weight_blocks(ckpt_dir):
-        yield name, (torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]).float()
-
-
-def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
-    """What deepspeed.checkpoint.ds_to_universal needs to merge TP slices (cat along dim 0 by default)."""
-    return {
-        "universal_checkpoint_version": 0.2,
-        "tp_replicated_parameter_patterns": [r"final_norm\.weight$", r"final_norm\.bias$"],
-        "vocabulary_parameter_patterns": [r"embedding\.weight$"],
-        "original_vocab_size": vocab_size,
-        "padded_vocab_size": vocab_size,
-    }
+        yield name, join_parts(name, blocks).float()
 
 
 def _full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
@@ -182,7 +159,8 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
     tensors.update({name: b.detach().float() for name, b in module.named_buffers()})
     ordered = {name: tensors[name] for name in module.state_dict()}
     if info.dp_rank == 0:
-        write_rank_file(partial, info.tp_rank, ordered)
+        with atomic_path(rank_file(partial, info.tp_rank)) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in ordered.items()}, str(tmp))
     save_file(rng_state(), str(partial / f"rng_rank{info.rank:04d}.safetensors"))
     _fault_point("save", step, info.rank)
     _barrier()

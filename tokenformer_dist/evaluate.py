@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from tokenformer_dist import comm
-from tokenformer_dist.model import TokenFormer
+from tokenformer_dist.model import TokenFormer, parallelize
 from tokenformer_dist.model.attention import pair_batch_multiple
 
 
@@ -65,7 +65,7 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
         rows += [filler] * (size - real)  # padding rows, weighted 0 below
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device, non_blocking=True)
         logits = model(batch[:, :-1])
-        losses = TokenFormer.token_losses(logits, batch[:, 1:])  # [size, s] fp32
+        losses = model.token_losses(logits, batch[:, 1:])  # [size, s] fp32
         if real:
             loss_sum += losses[:real].double().sum()
             count += real * seq_len
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model = TokenFormer(cfg.model, init=False).to(info.device)
+        model = TokenFormer(cfg.model, init_weights=False)  # every weight is loaded next
+        model = parallelize(model, parallel_state.get_tensor_model_parallel_group()).to(info.device)
         load_weights(model, ckpt)
         result = evaluate(model, args.data, cfg.model.seq_len, args.micro_batch or cfg.train.micro_batch_size,
                           args.batches, split=args.split, progress=info.is_main)

@@ -36,16 +36,75 @@ class DistInfo:
         return self.rank == 0
 
 
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's host-list syntax expanded as `scontrol show hostnames` does: `node[01-03,07],gpu-a[1-2]b[3-4]`.
+
+    Ranges keep their zero padding; several bracket groups in one name multiply out (in order).
+    """
+    names: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(hostlist + ","):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            if hostlist[start:i].strip():
+                names.extend(_expand_one(hostlist[start:i].strip()))
+            start = i + 1
+    return names
+
+
+def _expand_one(name: str) -> list[str]:
+    if "[" not in name:
+        return [name]
+    head, _, rest = name.partition("[")
+    body, _, tail = rest.partition("]")
+    values: list[str] = []
+    for part in body.split(","):
+        lo, _, hi = part.partition("-")
+        if not hi:
+            values.append(lo)
+            continue
+        width = len(lo) if lo.startswith("0") else 0
+        values.extend(str(v).zfill(width) for v in range(int(lo), int(hi) + 1))
+    return [head + v + t for v in values for t in _expand_one(tail)]
+
+
 def _first_slurm_host() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-        return out[0]
+        return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        return expand_hostlist(nodelist)[0]  # no scontrol on this node: the same expansion in Python
+
+
+def check_tp_within_node(tp: int, world_size: int, ranks_per_node: int | None, node: int | None = None,
+                         rank: int | None = None) -> None:
+    """Refuse a layout whose tensor-parallel groups would straddle nodes (TP traffic belongs on NVLink).
+
+    TP groups are runs of `tp` consecutive ranks and a node holds `ranks_per_node` consecutive ranks, so
+    the groups stay inside nodes iff `tp` divides `ranks_per_node`. Given this rank's `node` index too, it
+    also checks that the launcher really placed the ranks node by node.
+    """
+    if ranks_per_node is None or ranks_per_node >= world_size:
+        return  # one node
+    if ranks_per_node % tp:
+        raise ValueError(f"--tp {tp} does not fit the {ranks_per_node} ranks per node: a TP group must stay "
+                         f"inside one node; valid: a divisor of {ranks_per_node}")
+    if node is not None and rank is not None and rank // ranks_per_node != node:
+        raise ValueError(f"rank {rank} runs on node {node}, not node {rank // ranks_per_node}: ranks must be "
+                         "placed node by node (srun --distribution=block) for TP groups to stay inside a node")
+
+
+def _node_layout() -> tuple[int | None, int | None]:
+    """(ranks per node, this rank's node index) from torchrun or srun, (None, None) when unknown."""
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" in env:  # torchrun: GROUP_RANK is the agent's (node's) index
+        return int(env["LOCAL_WORLD_SIZE"]), int(env["GROUP_RANK"]) if "GROUP_RANK" in env else None
+    if "SLURM_NTASKS_PER_NODE" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_NTASKS_PER_NODE"]), int(env["SLURM_NODEID"]) if "SLURM_NODEID" in env else None
+    return None, None
 
 
 def env_from_launcher() -> None:
@@ -124,6 +183,7 @@ def init_distributed(tp: int, timeout_minutes: float = 60.0, seed: int | None = 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size % tp:
         raise ValueError(f"--tp {tp} does not divide the world size {world_size}; valid: a divisor of it")
+    check_tp_within_node(tp, world_size, *_node_layout(), rank=int(os.environ["RANK"]))
     check_gpu_environment()
     cuda = torch.cuda.is_available()
     if cuda:

@@ -73,14 +73,15 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
     a checkpoint or --init-from, every weight is overwritten anyway."""
     import deepspeed
 
-    from tokenformer_dist.model import TokenFormer
+    from tokenformer_dist.model import TokenFormer, parallelize
     from tokenformer_dist.parallel import DeepSpeedMPU
     from tokenformer_dist.weights import load_weights
 
     on_gpu = info.device.type == "cuda"
     fresh = resume.meta is None and not init_from
     model = TokenFormer(cfg.model, seed=cfg.train.seed, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                        init=fresh)
+                        init_weights=fresh)
+    model = parallelize(model, parallel_state.get_tensor_model_parallel_group())
     model.to(info.device)
     if init_from and not resume.meta:
         load_weights(model, ckpt_lib.resolve_checkpoint(init_from))
