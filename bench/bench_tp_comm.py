@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from tokenformer_dist.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 D, HEADS, QKV, PROJ, FFN = 768, 12, 576, 576, 2304
@@ -135,7 +136,10 @@ def megatron_dense_block(tp: int):
 
 
 def worker(tokens: int) -> None:
+    from megatron.core import parallel_state
+
     from tokenformer_dist.config import ModelConfig
+    from tokenformer_dist.model import parallelize
     from tokenformer_dist.model.tokenformer import TokenFormerBlock
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
 
@@ -147,9 +151,6 @@ def worker(tokens: int) -> None:
     grad = torch.randn(1, tokens, D, generator=gen)
     for norm in ("l2_norm_gelu", "softmax"):
         for impl in ("lean", "reference"):
-            from tokenformer_dist.model.pattention import set_default_impl
-
-            set_default_impl(impl)
             cfg = ModelConfig(
                 d_model=D,
                 n_heads=HEADS,
@@ -158,8 +159,9 @@ def worker(tokens: int) -> None:
                 ffn_tokens=FFN,
                 norm=norm,
                 seq_len=tokens,
+                pattention_impl=impl,
             )
-            block = TokenFormerBlock(cfg)
+            block = parallelize(TokenFormerBlock(cfg), parallel_state.get_tensor_model_parallel_group())
             x = x0.clone().requires_grad_()
             LOG.clear()
             PHASE["name"] = "fwd"
@@ -204,10 +206,7 @@ def main() -> None:
         f"tokens {QKV}/{PROJ}/{FFN}; ring-algorithm cost of each collective actually issued"
     )
     for tp in args.tp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [
             sys.executable,
             "-m",
@@ -215,7 +214,7 @@ def main() -> None:
             "--nproc_per_node",
             str(tp),
             "--master_port",
-            str(port),
+            str(free_port()),
             __file__,
             "--worker",
             "--tokens",

@@ -145,15 +145,16 @@ def main() -> None:
     m, t = cfg.model, cfg.train
 
     import deepspeed
+    from megatron.core import parallel_state
 
-    from tokenformer_dist.model import TokenFormer
+    from tokenformer_dist.model import TokenFormer, parallelize
     from tokenformer_dist.parallel import DeepSpeedMPU, init_distributed
     from tokenformer_dist.train import build_optimizer, deepspeed_config, train_step, tune_cpu_allocator
 
     os.environ.setdefault("MASTER_PORT", "29561")
     init_distributed(1)
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()  # as train.train() does on CPU
-    ours_model = TokenFormer(m, seed=t.seed)
+    ours_model = parallelize(TokenFormer(m, seed=t.seed), parallel_state.get_tensor_model_parallel_group())
     optimizer = build_optimizer(ours_model, cfg, fused=False)
     engine, *_ = deepspeed.initialize(
         model=ours_model, optimizer=optimizer, mpu=DeepSpeedMPU, config=deepspeed_config(cfg, 1, False, False)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+PATTENTION_IMPLS = ("lean", "reference")  # two implementations of the same function (model/pattention.py)
 DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -39,6 +40,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     init_std: float = 0.02  # key tokens and embedding; value tokens use 2 / (n_layers * sqrt(d_model))
     ln_eps: float = 1e-5
+    pattention_impl: str = "lean"  # lean (keeps one [tokens, n] tensor for backward) | reference (plain autograd)
 
 
 @dataclass
@@ -157,6 +159,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{src}: {key} must be > 0, got {value}")
     if m.norm not in NORMALIZATIONS:
         raise ConfigError(f"{src}: model.norm must be one of {', '.join(NORMALIZATIONS)}, got {m.norm!r}")
+    if m.pattention_impl not in PATTENTION_IMPLS:
+        raise ConfigError(f"{src}: model.pattention_impl must be one of {', '.join(PATTENTION_IMPLS)}, "
+                          f"got {m.pattention_impl!r}")
     if p.dtype not in DTYPES:
         raise ConfigError(f"{src}: parallel.dtype must be one of {', '.join(DTYPES)}, got {p.dtype!r}")
     if p.zero_stage not in (0, 1, 2, 3):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from tokenformer_dist.model import TokenFormer
+from tokenformer_dist.model import TokenFormer, parallelize
 
 
 def _valid_batch(batch: int, n_heads: int, tp: int) -> int:
@@ -68,7 +68,7 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
         rows += [filler] * (size - real)  # padding rows, weighted 0 below
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         logits = model(batch[:, :-1])
-        losses = TokenFormer.token_losses(logits, batch[:, 1:])  # [size, s] fp32
+        losses = model.token_losses(logits, batch[:, 1:])  # [size, s] fp32
         if real:
             loss_sum += losses[:real].double().sum().cpu()
             count += real * seq_len
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = init_distributed(tp)
     try:
-        model = TokenFormer(cfg.model, seed=cfg.train.seed).to(info.device)
+        model = TokenFormer(cfg.model, seed=cfg.train.seed)
+        model = parallelize(model, parallel_state.get_tensor_model_parallel_group()).to(info.device)
         load_weights(model, ckpt)
         result = evaluate(model, args.data, cfg.model.seq_len, args.micro_batch or cfg.train.micro_batch_size,
                           args.batches, split=args.split, progress=info.is_main)

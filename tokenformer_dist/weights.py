@@ -139,19 +139,19 @@ def _weights_source(path: Path) -> tuple[Path, int]:
 
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Fill `model` (built at the current TP) with this rank's shard from a weights dir or checkpoint dir.
+    """Fill `model` (a TokenFormer, parallelized or not) with this rank's shard from a weights dir or
+    checkpoint dir.
 
     Both must be at the same TP; every state_dict entry (parameters and tau buffers) must be present and of
     the same shape. Only this rank's file is opened.
     """
-    from megatron.core import parallel_state
-
+    regions = getattr(model, "tp", None)  # the model's TP regions (model/mappings.py); none: one device
+    tp, tp_rank = (regions.size, regions.rank) if regions is not None else (1, 0)
     src, src_tp = _weights_source(Path(path))
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     if src_tp != tp:
         raise ValueError(f"{path}: weights were written for tp={src_tp} but this run uses tp={tp}; "
                          f"run at --tp {src_tp} or reshard the weights")
-    fname = rank_file(src, parallel_state.get_tensor_model_parallel_rank())
+    fname = rank_file(src, tp_rank)
     if not fname.is_file():
         raise ValueError(f"{fname}: missing weights file for this tensor-parallel rank")
     state = model.state_dict()
