@@ -60,7 +60,8 @@ class TokenFormerTokenizer(PreTrainedTokenizer):
         return self.sp.decode(ids)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        out = os.path.join(save_directory, (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILES["vocab_file"])
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        out = os.path.join(save_directory, prefix + VOCAB_FILES["vocab_file"])
         if os.path.abspath(out) != os.path.abspath(self.vocab_file):
             shutil.copyfile(self.vocab_file, out)
         return (out,)
