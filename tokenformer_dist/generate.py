@@ -185,11 +185,15 @@ def load_model(ckpt: str | Path, device: torch.device | str = "cpu",
     return model.to(device).eval()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from megatron.core import parallel_state
+def _finish(info: object | None) -> None:
+    if info is not None:
+        from tokenformer_dist.parallel import destroy_distributed
 
+        destroy_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
     from tokenformer_dist.checkpoint import checkpoint_tp, read_config, resolve_checkpoint
-    from tokenformer_dist.parallel import destroy_distributed, init_distributed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir")
@@ -224,32 +228,39 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(text)
         if not ids:
             raise ValueError("the prompt encodes to no tokens; give some text")
+        if len(ids) + args.max_new_tokens > cfg.model.seq_len:
+            print(f"note: {len(ids)} prompt + {args.max_new_tokens} new tokens run past the trained context of "
+                  f"{cfg.model.seq_len} positions", file=sys.stderr)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # one process at TP 1 needs no process group (the model is plain torch); torchrun/Slurm launches do
-    single = tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and "SLURM_PROCID" not in os.environ
-    info = None if single else init_distributed(tp)
+    # one process at TP 1 needs no process group and no megatron-core (the model is plain torch)
+    info, group = None, None
+    if tp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_PROCID" in os.environ:
+        from megatron.core import parallel_state
+
+        from tokenformer_dist.parallel import init_distributed
+
+        info = init_distributed(tp)
+        group = parallel_state.get_tensor_model_parallel_group()
     is_main = info is None or info.is_main
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if info is None else info.device
     try:
-        model = load_model(ckpt, device, None if single else parallel_state.get_tensor_model_parallel_group())
+        model = load_model(ckpt, device, group)
         start = time.perf_counter()
         out = generate_ids(model, ids, args.max_new_tokens, tokenizer.eod_id, sampling,
                            use_cache=not args.no_cache)
         seconds = time.perf_counter() - start
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        if info is not None:
-            destroy_distributed()
+        _finish(info)
         return 2
     if is_main:
         completion = tokenizer.decode(out)
         print(text + completion)
         if args.json:
             print(json.dumps({"text": completion, "tokens": out, "tokens_per_s": len(out) / max(seconds, 1e-9)}))
-    if info is not None:
-        destroy_distributed()
+    _finish(info)
     return 0
 
 
