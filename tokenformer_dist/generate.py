@@ -193,7 +193,8 @@ def _finish(info: object | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenformer_dist.checkpoint import checkpoint_tp, read_config, resolve_checkpoint
+    from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
+    from tokenformer_dist.weights import checkpoint_tp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir")
