@@ -6,9 +6,10 @@ trainer does (`tokenformer_dist.train.deepspeed_config`, `build_optimizer`), and
 random tokens (the first allocates AdamW's state; the later ones are the steady state).
 
 What "measured" is: the peak of bytes live in torch's CPU allocator, from torch.profiler's memory tracking
-(`profile_memory=True`), which records every c10 CPU allocation and free with the allocator's running total.
-The profiler starts after torch.distributed is up and BEFORE the model is built, so the running total counts
-everything the model, the DeepSpeed engine and the steps allocate, and nothing from before (imports, gloo).
+(`profile_memory=True`), which records every c10 CPU allocation and free (see `_allocation_peaks` for the
+one correction: frees done on gloo's worker threads). The profiler starts after torch.distributed is up and
+BEFORE the model is built, so the live bytes count everything the model, the DeepSpeed engine and the steps
+allocate, and nothing from before (imports, gloo).
 This is the CPU counterpart of `torch.cuda.max_memory_allocated`, which is what the planner predicts for a GPU:
 tensor bytes, not allocator caching or fragmentation. For reference the table also gives the kernel's
 peak-RSS mark (VmHWM, reset before the model is built) minus the RSS at that moment: RSS counts only pages
@@ -53,8 +54,8 @@ CASES = [
     Case("124m-tp1-mb2", "configs/owt_124m.yaml", tp=1, dp=1, micro_batch=2, zero_stage=1, checkpointing=False),
     Case("124m-tp2-mb4-ckpt", "configs/owt_124m.yaml", tp=2, dp=1, micro_batch=4, zero_stage=1,
          checkpointing=True),
-    Case("354m-tp2-mb2-s512", "configs/owt_354m.yaml", tp=2, dp=1, micro_batch=2, zero_stage=1,
-         checkpointing=False, overrides=("model.seq_len=512",)),
+    Case("354m-tp2-mb2-s256", "configs/owt_354m.yaml", tp=2, dp=1, micro_batch=2, zero_stage=1,
+         checkpointing=False, overrides=("model.seq_len=256",)),
     Case("124m-dp2-mb1-s512", "configs/owt_124m.yaml", tp=1, dp=2, micro_batch=1, zero_stage=1,
          checkpointing=False, overrides=("model.seq_len=512",)),
 ]
@@ -72,7 +73,11 @@ def _reset_peak_rss() -> None:
 
 
 def _allocation_peaks(prof) -> dict[str, int]:
-    """Peak of the allocator's running total inside each top-level `phase:*` range, and overall."""
+    """Peak live bytes inside each top-level `phase:*` range, and overall, from the profiler's allocation and
+    free events (main thread). The allocator's own running total (`total_allocated`) is not used: a block
+    freed on a gloo worker thread (the inputs of TP collectives, released by their Work objects there) is
+    never subtracted from it, because memory profiling is thread-local. Here such a block counts as live
+    until its address is handed out again, an upper bound for those blocks only."""
     from torch._C._profiler import _EventType
 
     def walk(nodes):
@@ -83,26 +88,32 @@ def _allocation_peaks(prof) -> dict[str, int]:
     roots = prof.profiler.kineto_results.experimental_event_tree()
     ranges = [(n.name[len("phase:"):], n.start_time_ns, n.end_time_ns) for n in walk(roots)
               if n.name.startswith("phase:")]
+    events = sorted((n for n in walk(roots) if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
+    live: dict[int, int] = {}
+    total = 0
     peaks: dict[str, int] = {"all": 0}
-    for n in walk(roots):
-        if n.tag != _EventType.Allocation:
-            continue
-        total = int(n.extra_fields.total_allocated)
+    for n in events:
+        f = n.extra_fields
+        if f.alloc_size > 0:
+            total += f.alloc_size - live.get(f.ptr, 0)
+            live[f.ptr] = f.alloc_size
+        elif f.ptr in live:  # a free of a block allocated before profiling started is not ours
+            total -= live.pop(f.ptr)
         peaks["all"] = max(peaks["all"], total)
         for name, start, end in ranges:
             if start <= n.start_time_ns <= end:
                 peaks[name] = max(peaks.get(name, 0), total)
-                peaks["end_" + name] = total
     return peaks
 
 
 def worker(case: Case, steps: int) -> None:
     import deepspeed
     import torch
+    from megatron.core import parallel_state
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.model import TokenFormer
+    from tokenformer_dist.model import TokenFormer, parallelize
     from tokenformer_dist.parallel import DeepSpeedMPU, destroy_distributed, init_distributed
     from tokenformer_dist.train import build_optimizer, deepspeed_config, tune_cpu_allocator
 
@@ -123,6 +134,7 @@ def worker(case: Case, steps: int) -> None:
         with record_function("phase:build"):
             torch.manual_seed(cfg.train.seed)
             model = TokenFormer(m, seed=cfg.train.seed, activation_checkpointing=cfg.parallel.activation_checkpointing)
+            model = parallelize(model, parallel_state.get_tensor_model_parallel_group())  # as the trainer
             optimizer = build_optimizer(model, cfg, fused=False)
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
                                               config=deepspeed_config(cfg, info.dp_size, False, False))
@@ -159,11 +171,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=[c.name for c in CASES], choices=[c.name for c in CASES])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tables", action="store_true",
+                    help="print the planner's tables for docs/performance.md (1, 2, 8 nodes of 8 H100) and exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     by_name = {c.name: c for c in CASES}
     if args.worker:
         worker(by_name[args.worker], args.steps)
+        return
+    if args.tables:
+        tables()
         return
     print("Peak memory per rank, GB (1e9 B). measured = peak bytes live in torch's CPU allocator (torch.profiler "
           "memory tracking, from before the model is built); predicted = tokenformer_dist.plan.memory for the "
@@ -188,14 +205,42 @@ def main() -> None:
     print(f"largest |predicted/measured - 1|: {worst:.1%} (goal <= 15%)")
 
 
+def tables() -> None:
+    """The planner's picks per OWT stage on 1, 2 and 8 nodes of 8 H100 at the configs' 524,288-token global
+    batch (fewer nodes: train.grad_accum_steps scaled up so the global batch stays), the 1.4B table at 8 nodes,
+    and the same picks with a fused Θ kernel (what-if)."""
+    from tokenformer_dist.config import load_config
+    from tokenformer_dist.plan import HEADER, format_row, plan
+
+    fused = (3, 7)  # a fused Θ: fwd read A for Σ A², read A / write Θ; bwd recompute 2, GeLU'·A row-sum 2, dA 3
+    print("stage nodes  tp   dp zero micro ga ckpt   GB/GPU   step_s    tokens/s   MFU  matmul_s elem_s tp_s  dp_s"
+          "   | fused Θ: pick MFU")
+    for stage in ("124m", "354m", "757m", "1p4b"):
+        for nodes in (1, 2, 8):
+            cfg = load_config(REPO / f"configs/owt_{stage}.yaml")
+            cfg.train.grad_accum_steps *= 8 // nodes
+            e = plan(cfg, nodes, 8, "h100")[0]
+            f = plan(cfg, nodes, 8, "h100", lean_passes=fused)[0]
+            lay = e.layout
+            print(f"{stage:>5} {nodes:>5} {lay.tp:>3} {lay.dp:>4} {lay.zero_stage:>4} {lay.micro_batch:>5} "
+                  f"{lay.grad_accum:>2} {'on' if lay.activation_checkpointing else 'off':>4} {e.peak / GB:>8.1f} "
+                  f"{e.step_s:>8.3f} {e.tokens_per_s:>11,.0f} {e.mfu:>5.1%} {e.matmul_s:>8.3f} {e.elementwise_s:>6.3f} "
+                  f"{e.tp_comm_s:>5.3f} {e.dp_comm_s:>5.3f}   | tp {f.layout.tp} z{f.layout.zero_stage} "
+                  f"mb {f.layout.micro_batch} {f.mfu:.1%}")
+    print("\nowt_1p4b, 8 nodes x 8 H100 (tools/plan.py rows, first 12 of the layouts that fit):")
+    print(HEADER)
+    for e in [e for e in plan(load_config(REPO / "configs/owt_1p4b.yaml"), 8, 8, "h100") if e.fits][:12]:
+        print(format_row(e))
+
+
 def predict(case: Case) -> dict:
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.plan import HARDWARE, Layout, memory
+    from tokenformer_dist.plan import HARDWARE, Layout, memory, zero_settings
 
     cfg = load_config(REPO / case.config, list(case.overrides), case.tp)
     hw = HARDWARE["cpu"]
     lay = Layout(case.tp, case.dp, case.zero_stage, case.micro_batch, 1, case.checkpointing)
-    return memory(cfg.model, lay, hw)
+    return memory(cfg.model, lay, hw, zero_settings(cfg))
 
 
 if __name__ == "__main__":

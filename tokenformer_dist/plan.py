@@ -7,15 +7,17 @@ trainer configures it); `bench/bench_plan.py` checks the memory terms against re
 Memory per GPU (bytes), with P = parameters on this rank (TP-sharded), w = bytes of the model dtype
 (bf16 2 on a GPU, fp32 4 on CPU), dp = data-parallel size:
   weights     P·w                        (ZeRO 3: P·w/dp plus the gathered layer being computed)
-  grads       P·w, ZeRO 2/3: P·w/dp      (DeepSpeed's grad_accum_dtype defaults to the model dtype)
+  grads       P·g, ZeRO 2/3: P·g/dp      (g = w, DeepSpeed's default; 4 with parallel.grad_reduce_dtype fp32)
   optimizer   fp32 master P·4 + AdamW m, v P·8; divided by dp for ZeRO >= 1 (ZeRO 0 fp32 has no master)
   bucket      DeepSpeed ZeRO 1/2 allocate a contiguous gradient bucket of reduce_bucket_size elements
-              (5e8 by default) in the gradient dtype at every backward (x2 with overlap_comm)
+              (5e8 by default) in the gradient dtype at the first gradient hook of every step (x2 with
+              overlap_comm); ZeroSettings / `zero_settings(cfg)` read these from the config when present
   activations per micro-batch, T = micro_batch·seq tokens (see `activation_elements_per_token`)
   workspace   GPU: CUDA context, cuBLAS and NCCL buffers (a constant per GPU kind); transients of the loss
               head, a block's backward and the optimizer step are part of the phase peaks below
-The peak is the largest of three phases: end of forward, the backward (start: all activations plus the loss
-head's gradient buffers; end: all gradients plus the tied embedding's gradient sum), optimizer step.
+The peak is the largest of the phases: end of forward; the loss head's backward; the blocks' backward (all
+activations, the bucket, a block's backward buffers); the end of backward (all gradients plus the tied
+embedding's gradient sum); the optimizer step.
 
 Step time = compute + exposed communication:
   compute     matmul FLOPs (metrics.flops_per_token; + one forward with checkpointing) at an achievable
@@ -91,6 +93,21 @@ CE_PASSES = 8
 
 
 @dataclass(frozen=True)
+class ZeroSettings:
+    """DeepSpeed settings that change memory and overlap (from the config's parallel section when present)."""
+
+    reduce_bucket: int = DEFAULT_REDUCE_BUCKET  # elements
+    overlap_comm: bool = False  # DeepSpeed's default for ZeRO 1/2
+    fp32_grads: bool = False  # bf16 runs that reduce and accumulate gradients in fp32
+
+
+def zero_settings(cfg: Config) -> ZeroSettings:
+    p = cfg.parallel
+    return ZeroSettings(int(getattr(p, "reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
+                        bool(getattr(p, "overlap_comm", False)), getattr(p, "grad_reduce_dtype", None) == "fp32")
+
+
+@dataclass(frozen=True)
 class Layout:
     tp: int
     dp: int
@@ -119,6 +136,8 @@ class Estimate:
     mfu: float
     fits: bool
     reason: str = ""  # why it does not fit / is not valid
+    matmul_s: float = float("nan")  # the two parts of compute_s
+    elementwise_s: float = float("nan")
 
     def summary(self) -> dict[str, object]:
         lay = self.layout
@@ -147,14 +166,14 @@ def activation_elements_per_token(m: ModelConfig, tp: int) -> tuple[float, float
     From the block's forward (model/tokenformer.py, attention.py), checked with saved_tensors_hooks:
       d-sized, replicated over TP: block input (LN1), LN1 output (shared by the Q, K, V Pattentions),
         residual after attention (LN2), LN2 output (FFN input)                                   4d
-      attention at TP 1: V's pair copy, rotary Q and K, SDPA output (the proj input is a view of it) 4d
+      attention at TP 1: V's pair copy, rotary Q and K, SDPA output, the proj input (pairs reshaped) 5d
       attention at TP > 1: proj input (all-gathered pairs, reshaped: a copy) d; the reduce-scattered
         [pairs, 3, s, hd] Q/K/V storage 3d/tp (V is a view into it); rotary Q, K and SDPA output 3d/tp
       lean Pattention: one [tokens, n/tp] tensor each (A)                       (3·n_qkv + n_proj + n_ffn)/tp
       fp32: 5 Pattention normalizers, 2 LayerNorms' mean and rstd, SDPA's log-sum-exp per local pair
     """
     d = m.d_model
-    attention = 4 * d if tp == 1 else d + 6 * d / tp
+    attention = 5 * d if tp == 1 else d + 6 * d / tp
     n_sum = (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens) / tp
     return 4 * d + attention + n_sum, 5 + 4 + m.n_heads / tp
 
@@ -196,6 +215,8 @@ def tp_layer_comm_bytes(d: int, tp: int, tokens: int, norm: str = "l2_norm_gelu"
 
 
 TP_COLLECTIVES_PER_LAYER = 18  # 9 per direction (RS, AG, 2 AR, 5 normalizer ARs)
+OVERLAP_COST = 0.1  # fraction of an overlapped transfer's duration charged to the step (SMs, HBM taken)
+ZERO3_FETCH_S = 150e-6  # DeepSpeed ZeRO-3 hook work per module fetch/release (assumed, not measured here)
 
 
 def tp_comm_seconds(m: ModelConfig, tp: int, tokens: int, hw: Hardware, checkpointing: bool) -> float:
@@ -212,7 +233,7 @@ def tp_comm_seconds(m: ModelConfig, tp: int, tokens: int, hw: Hardware, checkpoi
 
 
 def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro_s: float,
-                    overlap_comm: bool) -> float:
+                    zs: ZeroSettings = ZeroSettings()) -> float:
     """Exposed data-parallel time per optimizer step. Gradients and weights travel in the model dtype; a ring
     over dp ranks sends (dp−1)/dp of the buffer per GPU, over InfiniBand when the DP group spans nodes.
 
@@ -221,35 +242,41 @@ def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro
       step; both exposed unless overlap_comm, which hides the reduce-scatter behind that backward.
     ZeRO 2: as ZeRO 1, but gradients are reduced at EVERY micro-batch (partitioned gradients).
     ZeRO 3: gradients reduce-scattered at every micro-batch, weights all-gathered in every forward and every
-      backward, module by module (2 collectives per Pattention and per embedding, each paying a latency);
-      DeepSpeed prefetches, so we count exposed only what exceeds 80% of the forward / backward compute.
+      backward, module by module (each fetch pays a collective latency and ZERO3_FETCH_S of DeepSpeed's
+      Python hooks on the critical path); DeepSpeed prefetches, so the transfer is exposed only where it
+      exceeds 80% of the forward / backward compute.
+    Overlapped transfers are not free: NCCL kernels take SMs and HBM bandwidth from compute; we charge
+    OVERLAP_COST of their duration.
     """
     if lay.dp == 1:
         return 0.0
     p_rank = params_per_rank(m, lay.tp)
     bw = hw.ib_bandwidth if nodes > 1 else hw.nvlink_bandwidth
     lat = math.log2(lay.dp) * hw.latency
-    ring = (lay.dp - 1) / lay.dp * p_rank * hw.dtype_bytes / bw + lat
+    ring = (lay.dp - 1) / lay.dp * p_rank * hw.dtype_bytes / bw + lat  # weights (model dtype)
+    g_ring = ring if not zs.fp32_grads else (lay.dp - 1) / lay.dp * p_rank * 4 / bw + lat  # gradients
     fwd_s, bwd_s = micro_s / 3, micro_s * 2 / 3
     if lay.zero_stage == 0:
-        return 2 * ring
+        return 2 * g_ring
     if lay.zero_stage in (1, 2):
         reduces = 1 if lay.zero_stage == 1 else lay.grad_accum
-        rs = ring * reduces
-        hidden = min(bwd_s * reduces, rs) if overlap_comm else 0.0
-        return rs - hidden + ring
-    modules = 5 * m.n_layers + 1
+        rs = g_ring * reduces
+        hidden = min(bwd_s * reduces, rs) if zs.overlap_comm else 0.0
+        return rs - hidden * (1 - OVERLAP_COST) + ring
+    modules = 5 * m.n_layers + 2  # the Pattentions, the embedding, the final LayerNorm
     gather = ring - lat + modules * lat
-    exposed = max(0.0, gather - 0.8 * fwd_s) + max(0.0, gather + ring - 0.8 * bwd_s)
-    return exposed * lay.grad_accum
+    exposed = max(0.0, gather - 0.8 * fwd_s) + max(0.0, gather + g_ring - 0.8 * bwd_s)
+    hidden = 2 * gather + g_ring - exposed
+    return (exposed + OVERLAP_COST * hidden + 2 * modules * ZERO3_FETCH_S) * lay.grad_accum
 
 
 # ---- compute ---------------------------------------------------------------------------------------------
-def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware, lean_passes: tuple[int, int] | None = None) -> float:
+def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware,
+                    lean_passes: tuple[int, int] | None = None) -> tuple[float, float]:
     """Compute time of one micro-batch: matmul FLOPs at hw.matmul_efficiency plus elementwise bytes at
     hw.hbm_efficiency; each rank does 1/tp of the matmuls and of the [T, n] elementwise work (the [T, d] work
     is replicated over TP). `lean_passes` (forward, backward) replaces the lean Pattention's pass counts, to
-    ask what a fused Θ kernel would give."""
+    ask what a fused Θ kernel would give. Returns (matmul seconds, elementwise seconds)."""
     tokens = lay.micro_batch * m.seq_len
     b = hw.dtype_bytes
     fwd_flops = forward_flops_per_token(m) * tokens / lay.tp
@@ -261,21 +288,21 @@ def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware, lean_passes: tupl
     elem += tokens * CE_PASSES * m.vocab_size / lay.tp * 4
     t_mm = flops / (hw.peak_flops * hw.matmul_efficiency)
     t_elem = elem / (hw.hbm_bandwidth * hw.hbm_efficiency)
-    return t_mm + t_elem
+    return t_mm, t_elem
 
 
 # ---- memory ----------------------------------------------------------------------------------------------
-def memory(m: ModelConfig, lay: Layout, hw: Hardware, reduce_bucket: int = DEFAULT_REDUCE_BUCKET,
-           overlap_comm: bool = False) -> dict[str, float]:
+def memory(m: ModelConfig, lay: Layout, hw: Hardware, zs: ZeroSettings = ZeroSettings()) -> dict[str, float]:
     """Per-GPU memory terms and phase peaks in bytes (see the module docstring)."""
     w, dp, z, tp = hw.dtype_bytes, lay.dp, lay.zero_stage, lay.tp
+    g = 4 if zs.fp32_grads else w  # gradient (accumulation and reduction) dtype
     p = params_per_rank(m, tp)
     tokens = lay.micro_batch * m.seq_len
     weights = p * w if z < 3 else p * w / dp + 2 * largest_layer_params(m, tp) * w
-    grads = p * w if z < 2 else p * w / dp
+    grads = p * g if z < 2 else p * g / dp
     master = 0.0 if (z == 0 and w == 4) else p * 4
     optimizer = (master + 8 * p) / (dp if z >= 1 else 1)
-    bucket = 0.0 if z == 0 else min(reduce_bucket, 10**12) * w * (2 if overlap_comm else 1)
+    bucket = 0.0 if z == 0 else zs.reduce_bucket * g * (2 if zs.overlap_comm else 1)
     static = weights + optimizer
 
     cdt, f32 = activation_elements_per_token(m, tp)
@@ -294,7 +321,7 @@ def memory(m: ModelConfig, lay: Layout, hw: Hardware, reduce_bucket: int = DEFAU
     # DeepSpeed allocates the bucket at the first gradient hook (the final LayerNorm's, right after the loss
     # head's backward) and frees it after the step's reduction; with grad-accum it lives across micro-batches
     bucket_fwd = bucket if lay.grad_accum > 1 else 0.0
-    grads_live = p * w if z < 2 else grads + largest_layer_params(m, tp) * w
+    grads_live = p * g if z < 2 else grads + largest_layer_params(m, tp) * g
     fwd = static + grads_during + bucket_fwd + kept + head_fwd
     head = static + grads_during + bucket_fwd + kept + head_bwd
     blocks_bwd = (static + grads_during + bucket + blocks + recompute + tokens * 2 * m.d_model * w + embed_grad
@@ -302,13 +329,13 @@ def memory(m: ModelConfig, lay: Layout, hw: Hardware, reduce_bucket: int = DEFAU
     # end: all gradients, and the embedding's dense gradient being summed with the output layer's
     bwd_end = static + bucket + grads_live + 2 * embed_grad
     if z == 0:
-        bwd_end += min(p, reduce_bucket) * w  # the engine's flattened all-reduce buffer
+        bwd_end += min(p, zs.reduce_bucket) * g  # the engine's flattened all-reduce buffer
     # optimizer step: ZeRO 1/2 copy this rank's gradient partition out of the bucket and flatten it to fp32;
     # torch's single-tensor AdamW (CPU) makes two [P/dp] fp32 temporaries (sqrt, divide); fused AdamW none
     part = p / (dp if z >= 1 else 1)
-    flat = part * (w + 4) if w != 4 else part * 4
+    flat = part * (g + 4) if g != 4 else part * 4
     adam_tmp = 0.0 if hw.fused_adam else 2 * part * 4
-    opt = static + (grads if z < 1 else part * w) + flat + adam_tmp
+    opt = static + (grads if z < 1 else part * g) + flat + adam_tmp
     phases = {"forward": fwd, "backward": max(head, blocks_bwd, bwd_end), "optimizer": opt}
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "bucket": bucket, "activations": kept,
             "workspace": hw.workspace, "phase_peaks": phases, "peak": max(phases.values()) + hw.workspace}
@@ -320,11 +347,10 @@ class PlanError(ValueError):
 
 
 def global_batch(cfg: Config, world: int) -> int:
-    """Sequences per optimizer step the config trains at this world size (what the trainer would run)."""
-    if world % cfg.parallel.tp:
-        raise PlanError(f"{cfg.source}: parallel.tp={cfg.parallel.tp} does not divide {world} GPUs; the config's "
-                        f"global batch (micro_batch_size x grad_accum_steps x world/tp) is undefined there")
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * (world // cfg.parallel.tp)
+    """Sequences per optimizer step the config trains at this world size (what the trainer would run:
+    micro_batch_size x grad_accum_steps x world/tp). Where the config's tp does not divide the world (e.g. one
+    GPU), its DP size is taken as max(1, world // tp)."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * max(1, world // cfg.parallel.tp)
 
 
 def layout_problem(m: ModelConfig, tp: int, micro_batch: int, gpus_per_node: int) -> str:
@@ -339,14 +365,16 @@ def layout_problem(m: ModelConfig, tp: int, micro_batch: int, gpus_per_node: int
     return ""
 
 
-def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, reduce_bucket: int = DEFAULT_REDUCE_BUCKET,
-             overlap_comm: bool = False, lean_passes: tuple[int, int] | None = None) -> Estimate:
+def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, zs: ZeroSettings | None = None,
+             lean_passes: tuple[int, int] | None = None) -> Estimate:
     m = cfg.model
-    mem = memory(m, lay, hw, reduce_bucket, overlap_comm)
-    micro_s = compute_seconds(m, lay, hw, lean_passes)
+    zs = zs or zero_settings(cfg)
+    mem = memory(m, lay, hw, zs)
+    mm_s, elem_s = compute_seconds(m, lay, hw, lean_passes)
+    micro_s = mm_s + elem_s
     tokens = lay.micro_batch * m.seq_len
     tp_s = tp_comm_seconds(m, lay.tp, tokens, hw, lay.activation_checkpointing) * lay.grad_accum
-    dp_s = dp_comm_seconds(m, lay, hw, nodes, micro_s, overlap_comm)
+    dp_s = dp_comm_seconds(m, lay, hw, nodes, micro_s, zs)
     step = micro_s * lay.grad_accum + tp_s + dp_s
     world = lay.tp * lay.dp
     tok_s = tokens * lay.grad_accum * lay.dp / step
@@ -357,7 +385,7 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, reduce_bucket: 
                               f"{hw.memory / GB:.1f} GB ({_largest_term(mem)})")
     return Estimate(lay, mem["weights"], mem["grads"], mem["optimizer"], mem["bucket"], mem["activations"],
                     mem["workspace"], mem["peak"], mem["phase_peaks"], micro_s * lay.grad_accum, tp_s, dp_s, step,
-                    tok_s, mfu, fits, reason)
+                    tok_s, mfu, fits, reason, mm_s * lay.grad_accum, elem_s * lay.grad_accum)
 
 
 def _largest_term(mem: dict[str, float]) -> str:
@@ -368,10 +396,9 @@ def _largest_term(mem: dict[str, float]) -> str:
 
 def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None = None,
          micro_batch: int | None = None, zero_stage: int | None = None, checkpointing: bool | None = None,
-         reduce_bucket: int = DEFAULT_REDUCE_BUCKET, overlap_comm: bool = False,
-         lean_passes: tuple[int, int] | None = None) -> list[Estimate]:
+         zs: ZeroSettings | None = None, lean_passes: tuple[int, int] | None = None) -> list[Estimate]:
     """Every layout (fixed arguments respected) with its estimate, fastest first; layouts that cannot run or
-    fit carry a one-line `reason` and `fits=False`."""
+    fit carry a one-line `reason` and `fits=False`. `zs`: DeepSpeed settings (default: the config's)."""
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"--nodes {nodes} / --gpus-per-node {gpus_per_node}: both must be >= 1")
     if gpu not in HARDWARE:
@@ -389,10 +416,10 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None =
     seqs = global_batch(cfg, world)
     tps = [tp] if tp is not None else [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0]
     mbs = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)
-    zs = [zero_stage] if zero_stage is not None else list(ZERO_STAGES)
+    stages = [zero_stage] if zero_stage is not None else list(ZERO_STAGES)
     cks = [checkpointing] if checkpointing is not None else [False, True]
     out: list[Estimate] = []
-    for t, b, z, ck in itertools.product(tps, mbs, zs, cks):
+    for t, b, z, ck in itertools.product(tps, mbs, stages, cks):
         dp = world // t
         ga, rem = divmod(seqs, b * dp)
         lay = Layout(t, dp, z, b, max(ga, 1), ck)
@@ -403,11 +430,11 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None =
             if tp is not None or micro_batch is not None or not problem.startswith("global batch"):
                 out.append(_invalid(lay, problem))
             continue
-        out.append(estimate(cfg, lay, hw, nodes, reduce_bucket, overlap_comm, lean_passes))
-    # fastest first; ties (equal time: compute is linear in tokens here) go to the lower ZeRO stage, no
-    # checkpointing, the smaller TP, then the larger micro-batch (fewer, larger kernels than the model counts)
-    out.sort(key=lambda e: (not e.fits, round(e.step_s, 6) if e.fits else e.peak, e.layout.zero_stage,
-                            e.layout.activation_checkpointing, e.layout.tp, -e.layout.micro_batch))
+        out.append(estimate(cfg, lay, hw, nodes, zs, lean_passes))
+    # fastest first; ties (equal time: compute is linear in tokens in this model) go to the larger micro-batch
+    # (fewer, larger kernels than the model counts), then to the smaller memory
+    out.sort(key=lambda e: (not e.fits, round(e.step_s, 6) if e.fits else e.peak, -e.layout.micro_batch,
+                            e.peak if e.fits else 0.0))
     return out
 
 
@@ -491,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         cfg = load_config(args.config)
         estimates = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.tp, args.micro_batch,
-                         args.zero_stage, args.activation_checkpointing,
-                         reduce_bucket=int(getattr(cfg.parallel, "reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-                         overlap_comm=bool(getattr(cfg.parallel, "overlap_comm", False)))
+                         args.zero_stage, args.activation_checkpointing)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
