@@ -112,10 +112,12 @@ def worker(case: Case, steps: int) -> None:
     from megatron.core import parallel_state
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from tokenformer_dist.allocator import tune_cpu_allocator
     from tokenformer_dist.config import load_config
+    from tokenformer_dist.ds_config import deepspeed_config
     from tokenformer_dist.model import TokenFormer, parallelize
+    from tokenformer_dist.optim import build_optimizer
     from tokenformer_dist.parallel import DeepSpeedMPU, destroy_distributed, init_distributed
-    from tokenformer_dist.train import build_optimizer, deepspeed_config, tune_cpu_allocator
 
     overrides = [*case.overrides, f"parallel.zero_stage={case.zero_stage}",
                  f"parallel.activation_checkpointing={str(case.checkpointing).lower()}",
