@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from tokenformer_dist.model import TokenFormer, parallelize
+from tokenformer_dist.model.tensor_parallel import build_parallel_model
 
 
 def _valid_batch(batch: int, n_heads: int, tp: int) -> int:
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = init_distributed(tp)
     try:
-        model = TokenFormer(cfg.model, seed=cfg.train.seed)
-        model = parallelize(model, parallel_state.get_tensor_model_parallel_group()).to(info.device)
+        model = build_parallel_model(cfg.model, parallel_state.get_tensor_model_parallel_group(),
+                                     seed=cfg.train.seed, device=info.device)
         load_weights(model, ckpt)
         result = evaluate(model, args.data, cfg.model.seq_len, args.micro_batch or cfg.train.micro_batch_size,
                           args.batches, split=args.split, progress=info.is_main)

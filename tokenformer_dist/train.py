@@ -163,7 +163,7 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
 
     from tokenformer_dist.data import TokenShards, WindowLoader
     from tokenformer_dist.evaluate import evaluate
-    from tokenformer_dist.model import TokenFormer, parallelize
+    from tokenformer_dist.model.tensor_parallel import build_parallel_model
     from tokenformer_dist.parallel import DeepSpeedMPU, destroy_distributed, init_distributed
     from tokenformer_dist.weights import load_weights
 
@@ -185,8 +185,8 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     universal = bool(meta) and meta["dp"] != info.dp_size
 
     torch.manual_seed(t.seed)
-    model = TokenFormer(m, seed=t.seed, activation_checkpointing=cfg.parallel.activation_checkpointing)
-    model = parallelize(model, parallel_state.get_tensor_model_parallel_group())
+    model = build_parallel_model(m, parallel_state.get_tensor_model_parallel_group(), seed=t.seed,
+                                 activation_checkpointing=cfg.parallel.activation_checkpointing, device=info.device)
     model.to(info.device)
     if args.init_from and not meta:
         load_weights(model, ckpt_lib.resolve_checkpoint(args.init_from))
