@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tokenformer_dist.net import free_port
+from tokenformer_dist.plan import tp_layer_comm_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 D, HEADS, QKV, PROJ, FFN = 768, 12, 576, 576, 2304
@@ -89,17 +90,10 @@ def install_counters() -> None:
         setattr(mappings, alias, _wrap(fn.__name__, fn))
 
 
-# ---- the analytic minimum (docs/tensor_parallel.md) ----------------------------------------------------
+# ---- the analytic minimum (docs/tensor_parallel.md §3; the planner uses the same function) ------------
 def analytic_bytes(tp: int, tokens: int, norm: str) -> dict[str, float]:
-    """Per layer, per rank: forward = RS(3d) + AG(d) + AR(d) + AR(d) + 5 AR(1);
-    backward = AG(3d) + RS(d) + AR(d) + AR(d) + 5 AR(1); fp32, elements per token × (tp−1)/tp."""
-    f = (tp - 1) / tp * tokens * 4
-    scalar_ars = 5 * 2 * (2 if norm == "softmax" else 1)  # softmax also all-reduces the (detached) max
-    return {
-        "fwd": f * (3 * D + D + 2 * D + 2 * D + scalar_ars),
-        "bwd": f * (3 * D + D + 2 * D + 2 * D + 10),
-        "megatron_dense": f * 4 * 2 * D,
-    }
+    """Per layer, per rank, fp32: tokenformer_dist.plan.tp_layer_comm_bytes, which this script verifies."""
+    return tp_layer_comm_bytes(D, tp, tokens, norm, elem_bytes=4)
 
 
 # ---- worker (under torchrun) ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     RUN/checkpoints/<tag>/            tag = step_00000100
         mp_rank_XX_model_states.pt, *_optim_states.pt   DeepSpeed (module, ZeRO partitions, client state)
         model_tp{r:02d}.safetensors   fp32 MASTER weights of TP rank r (any ZeRO stage), tau buffers included
-        rng_rank{g:04d}.safetensors   torch RNG state of global rank g
+        rng_rank{g:04d}.safetensors   RNG states of global rank g (CPU; CUDA + megatron tracker on GPU)
         config.yaml                   resolved config
         meta.json                     step, tp, dp, zero_stage, tokens, loader state; written last
         universal/                    (made on demand) DeepSpeed universal checkpoint, for a new DP size
@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tokenformer_dist import comm
 from tokenformer_dist.atomic import atomic_path, atomic_write_text
 from tokenformer_dist.config import Config, load_config
 from tokenformer_dist.sharding import is_tp_sharded, join_parts, universal_checkpoint_info
@@ -112,8 +112,29 @@ def _full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """torch's CPU generator; on GPU also this device's generator and megatron's CUDA RNG tracker states."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state.update({f"tracker.{name}": t.cpu() for name, t in get_cuda_rng_tracker().get_states().items()})
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(state["cuda"])
+        tracker = {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")}
+        if tracker:
+            get_cuda_rng_tracker().set_states(tracker)
 
 
 def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, info: Any,
@@ -140,7 +161,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
     if info.dp_rank == 0:
         with atomic_path(rank_file(partial, info.tp_rank)) as tmp:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in ordered.items()}, str(tmp))
-    save_file({"cpu": torch.get_rng_state()}, str(partial / f"rng_rank{info.rank:04d}.safetensors"))
+    save_file(rng_state(), str(partial / f"rng_rank{info.rank:04d}.safetensors"))
     _fault_point("save", step, info.rank)
     _barrier()
     if info.is_main:
@@ -199,7 +220,7 @@ def load_rng(ckpt_dir: Path, rank: int) -> bool:
     f = ckpt_dir / f"rng_rank{rank:04d}.safetensors"
     if not f.is_file():
         return False
-    torch.set_rng_state(load_file(str(f))["cpu"])
+    set_rng_state(load_file(str(f)))
     return True
 
 

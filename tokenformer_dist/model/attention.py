@@ -28,11 +28,11 @@ class Rotary(torch.nn.Module):
         self.inv_freq = 1.0 / (int(base) ** (torch.arange(0, self.dim, 2, dtype=torch.float32,
                                                               device="cpu") / self.dim))  # not a buffer
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t [..., s, head_dim] -> the same with positions 0..s-1 rotated in."""
+    def forward(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """t [..., s, head_dim] -> the same with positions offset..offset+s-1 rotated in."""
         s = t.shape[-2]
         inv_freq = self.inv_freq.to(t.device)
-        freqs = torch.outer(torch.arange(s, device=t.device, dtype=inv_freq.dtype), inv_freq)
+        freqs = torch.outer(torch.arange(offset, offset + s, device=t.device, dtype=inv_freq.dtype), inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)  # [s, dim]
         rot, passed = t[..., :self.dim], t[..., self.dim:]
         x1, x2 = torch.chunk(rot, 2, dim=-1)
@@ -40,10 +40,46 @@ class Rotary(torch.nn.Module):
         return torch.cat((rot, passed), dim=-1)
 
 
+def pair_batch_multiple(n_heads: int, tp_size: int) -> int:
+    """The micro-batch sizes whose b·H (sequence, head) pairs split evenly over tp are its multiples."""
+    return tp_size // math.gcd(n_heads, tp_size)
+
+
+class KVCache:
+    """Every attention layer's rotated keys and values so far, preallocated for `max_len` positions, so that
+    generation runs one new position per token instead of the whole prefix (Pattention layers need no cache:
+    their keys and values are parameters). Under TP each rank holds only its own (sequence, head) pairs.
+
+    The protocol is transformers' (`update(keys, values, layer_idx)` -> the whole sequence so far;
+    `get_seq_length(layer_idx)`), so the exported Hugging Face model hands its DynamicCache to the same code.
+    Tensors are [..., positions, head_dim].
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.lengths = [0] * n_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.lengths[layer_idx], self.lengths[layer_idx] + k.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        if self.keys[layer_idx] is None:
+            shape = (*k.shape[:-2], self.max_len, k.shape[-1])
+            self.keys[layer_idx], self.values[layer_idx] = k.new_empty(shape), v.new_empty(shape)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[..., start:end, :], values[..., start:end, :] = k, v
+        self.lengths[layer_idx] = end
+        return keys[..., :end, :], values[..., :end, :]
+
+
 def check_pair_partition(batch: int, n_heads: int, tp_size: int) -> None:
     """Raise a clear error when b·H (sequence, head) pairs cannot be split evenly over the TP ranks."""
-    if (batch * n_heads) % tp_size:
-        need = tp_size // math.gcd(n_heads, tp_size)
+    if batch % (need := pair_batch_multiple(n_heads, tp_size)):
         raise ValueError(
             f"attention partitions (sequence, head) pairs: micro-batch {batch} x {n_heads} heads = "
             f"{batch * n_heads} pairs cannot be split evenly over tp={tp_size}; use a micro-batch size that "
@@ -77,7 +113,9 @@ class PartitionedCausalAttention(torch.nn.Module):
         return t.view(b, s, self.n_heads, self.head_dim).transpose(1, 2).reshape(b * self.n_heads, s,
                                                                                   self.head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """With `cache` (generation): x holds the new positions only; their keys and values are appended to
+        the cache and they attend to everything cached before them."""
         b, s, d = x.shape
         tp = self.tp.size
         check_pair_partition(b, self.n_heads, tp)
@@ -86,10 +124,21 @@ class PartitionedCausalAttention(torch.nn.Module):
         if tp > 1:  # stacked so one reduce-scatter delivers all three (backward: all-gather)
             qkv = self.tp.reduce_scatter_first_dim(torch.stack([q, k, v], dim=1))  # [b*H, 3, s, hd]
             q, k, v = qkv.unbind(1)  # each [pairs_local, s, hd]
+        past = cache.get_seq_length(layer_idx) if cache is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True)
-        out = out.squeeze(1)  # [pairs_local, s, hd]
+            q, k = self.rotary(q, past), self.rotary(k, past)
+        mask = None
+        if cache is None:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # one head per pair
+        else:
+            # cached as [b, H, positions, hd] on one device (transformers' layout), [1, pairs_local, ...] under TP
+            lead = (b, self.n_heads) if tp == 1 else (1, q.shape[0])
+            q, k, v = (t.reshape(*lead, s, self.head_dim) for t in (q, k, v))
+            k, v = cache.update(k, v, layer_idx)  # everything so far: [*lead, past + s, hd]
+            if past and s > 1:  # new position i sees the cached positions and the new ones up to i
+                mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(past)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0 and s > 1)
+        out = out.reshape(-1, s, self.head_dim)  # [pairs_local, s, hd]
         if tp > 1:
             # forward: all-gather the pairs; backward: reduce-scatter the output Pattention's partial input
             # grads (each rank's proj shard contributes to every pair), which replaces a copy_to all-reduce.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tokenformer_dist.config import ModelConfig
-from tokenformer_dist.model.attention import PartitionedCausalAttention
+from tokenformer_dist.model.attention import KVCache, PartitionedCausalAttention
 from tokenformer_dist.model.init import master_normal, value_init_std
 from tokenformer_dist.model.mappings import SINGLE_DEVICE, TensorParallelRegions
 from tokenformer_dist.model.pattention import Pattention
@@ -44,9 +44,9 @@ class TokenFormerBlock(torch.nn.Module):
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (self.d_model,), eps=self.eps)  # non-parametric: no γ, β
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         # copy_to: identity forward, all-reduce of the input grads backward (the Pattentions hold shards)
-        x = x + self.tp.reduce_from(self.attn(self.tp.copy_to(self._norm(x))))
+        x = x + self.tp.reduce_from(self.attn(self.tp.copy_to(self._norm(x)), cache, layer_idx))
         x = x + self.tp.reduce_from(self.ffn(self.tp.copy_to(self._norm(x))))
         return x
 
@@ -86,13 +86,15 @@ class TokenFormer(torch.nn.Module):
             p.copy_(local_part(name, full, self.tp.rank, self.tp.size))
         self.final_norm.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """With `cache` (generation, see KVCache): `tokens` are the positions after the cached ones."""
         x = self.embedding(tokens)  # [b, s, d] (under TP: all-reduced over the vocab shards)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache, i)
         h = self.tp.copy_to(self.final_norm(x))
         logits = h @ self.embedding.weight.t()  # [b, s, V/tp]: tied output layer
         if labels is None:
