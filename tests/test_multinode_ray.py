@@ -36,9 +36,10 @@ def _env(**extra: str) -> dict[str, str]:
             **extra}
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End one `ray start --block` and every process it started (its own process group)."""
-    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+def _stop(proc: subprocess.Popen, kill: bool = False) -> None:
+    """End one `ray start --block` and every process it started (its own process group): SIGTERM, then
+    SIGKILL after 3 s; `kill`: SIGKILL at once (a node dying)."""
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10))[kill:]:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -73,7 +74,7 @@ class RayNodes:
                "--disable-usage-stats"]
         log = (temp / "start.log").open("w")
         self.procs[name] = subprocess.Popen([*(wrap or []), *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                            env=_env(**env), start_new_session=True)
+                                            env=_env(PYTHONUNBUFFERED="1", **env), start_new_session=True)
         # `ray start` prints this once its raylet has registered with the GCS
         self._wait(lambda: "Ray runtime started" in (temp / "start.log").read_text(errors="replace"),
                    f"`ray start` of node {name}", name)
@@ -93,9 +94,9 @@ class RayNodes:
             time.sleep(0.5)
         raise RuntimeError(f"no {what} after {timeout:.0f} s")
 
-    def stop(self, name: str | None = None) -> None:
+    def stop(self, name: str | None = None, kill: bool = False) -> None:
         for n in [name] if name else list(self.procs)[::-1]:
-            _stop(self.procs.pop(n))
+            _stop(self.procs.pop(n), kill)
         if name is None:
             for d in self.dirs:
                 shutil.rmtree(d, ignore_errors=True)
@@ -151,7 +152,6 @@ def cluster() -> Iterator[RayNodes]:
     try:
         nodes.start("head", head=True)
         nodes.start("worker", TFD_BUILD_UNIT_DELAY=str(UNIT_DELAY_S))
-        nodes.wait_nodes(2)
     except RuntimeError as e:
         nodes.stop()
         print(f"\nSKIP: a two-node Ray cluster did not start: {e}")
@@ -194,7 +194,6 @@ def test_a_node_that_cannot_see_the_inputs_is_refused(cluster: RayNodes, corpus:
             f'mount -t tmpfs tfd-private "{hide}" && exec "$@"', "sh"]
     cluster.start("blind", wrap=wrap)
     try:
-        cluster.wait_nodes(3)
         rc = main([*corpus["args"], "--output", str(tmp_path / "out"), "--ray-address", cluster.address])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, err
@@ -208,7 +207,7 @@ def test_a_node_that_cannot_see_the_inputs_is_refused(cluster: RayNodes, corpus:
 
 
 def test_killing_the_worker_node_mid_build(cluster: RayNodes, corpus: dict, tmp_path: Path) -> None:
-    """SIGKILL to the worker node (its raylet, workers and all) once some units are done: Ray retries the
+    """SIGKILL to the worker node (`ray start` and its raylet, all at once) once some units are done: Ray retries the
     lost tasks on the head node and the build ends byte-identical to the local one; had the retries run
     out, the build exits 2 naming --resume, and --resume must then complete it byte-identically."""
     out = tmp_path / "ray"
@@ -219,7 +218,7 @@ def test_killing_the_worker_node_mid_build(cluster: RayNodes, corpus: dict, tmp_
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if parts.is_dir() and len(list(parts.glob("*.npz"))) >= 3:
-                cluster.stop("worker")
+                cluster.stop("worker", kill=True)
                 killed.set()
                 return
             time.sleep(0.05)
