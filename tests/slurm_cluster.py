@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tokenformer_dist.net import free_port
+
 MUNGE_SOCKET_DIR = Path("/run/munge")
 REQUIRED = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
 # Slurm holds a requeued job for cred_expire seconds (default 120) before it may start again; the test
@@ -33,12 +35,6 @@ REQUIRED = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "scontrol", "sin
 CRED_EXPIRE_S = 5
 KILL_WAIT_S = 60  # SIGTERM -> SIGKILL grace: time the trainer has to write its checkpoint
 FAIL_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 30, check: bool = True,
@@ -136,12 +132,12 @@ class SlurmCluster:
         # a random first job id: MASTER_PORT derives from it, so two concurrent test sessions do not collide
         first_job = random.randint(1000, 19000)
         # one slurmd per node, all on this machine: each its own port (NodeHostname: where it may run)
-        nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} "
+        nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} "
                            f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes)
         self.conf.write_text(f"""# written by tests/slurm_cluster.py
 ClusterName=tfdtest
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={_free_port()}
+SlurmctldPort={free_port()}
 AuthType=auth/munge
 AuthInfo=cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from tokenformer_dist import comm
 from tokenformer_dist.cpu_compat import apply_cpu_shims
 
 
@@ -123,10 +124,59 @@ def env_from_launcher() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def init_distributed(tp: int, timeout_minutes: float = 10.0) -> DistInfo:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's TP/DP groups.
+# Environment variables through which Slurm or a launcher hands a task GPUs.
+GPU_ENV_VARS = ("SLURM_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_JOB_GPUS",
+                "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
 
-    Works under torchrun, the deepspeed launcher, srun, or as a single plain process.
+
+class LaunchError(ValueError):
+    """The job's environment contradicts what this process can do (one line; the trainer exits 2)."""
+
+
+def _names_gpus(var: str, value: str) -> bool:
+    """Whether `var=value` hands the task at least one GPU. Counts (SLURM_GPUS*, possibly "a100:8") of 0 do
+    not; device lists (CUDA_VISIBLE_DEVICES, SLURM_*_GPUS) do unless empty, "-1" or "NoDevFiles"."""
+    value = value.strip()
+    if value in ("", "-1", "NoDevFiles"):
+        return False
+    if var.startswith("SLURM_GPUS"):
+        count = value.split(",")[0].rsplit(":", 1)[-1].split("(")[0]
+        return not (count.isdigit() and int(count) == 0)
+    return True
+
+
+def check_gpu_environment(cuda_available: bool | None = None) -> None:
+    """Fail fast when the job was given GPUs but torch cannot use CUDA.
+
+    Why: a CPU-only torch build (or a broken driver) would otherwise train in fp32 over gloo on the CPU,
+    silently, for the whole allocation. Set TOKENFORMER_DIST_ALLOW_CPU=1 to run on the CPU anyway.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if cuda_available or os.environ.get("TOKENFORMER_DIST_ALLOW_CPU") == "1":
+        return
+    given = {k: os.environ[k] for k in GPU_ENV_VARS if _names_gpus(k, os.environ.get(k, ""))}
+    if given:
+        k, v = next(iter(given.items()))
+        raise LaunchError(f"the job was given GPUs ({k}={v}) but torch.cuda is not available (torch "
+                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); install a CUDA torch "
+                          f"or set TOKENFORMER_DIST_ALLOW_CPU=1 to train on the CPU")
+
+
+def local_device(local_rank: int) -> torch.device:
+    """cuda:(local_rank mod visible devices): right both for 8 tasks sharing 8 visible GPUs and for per-task
+    GPU binding (each task sees one device, index 0)."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(tp: int, timeout_minutes: float = 60.0, seed: int | None = None) -> DistInfo:
+    """Start torch.distributed and megatron-core's TP/DP groups; register the compute device with `comm`.
+
+    Works under torchrun, the deepspeed launcher, srun, or as a single plain process. On GPU the default
+    group maps cpu->gloo and cuda->nccl; megatron's extra gloo groups are created only on CPU. The timeout
+    bounds every collective, including the wait of the other ranks while rank 0 converts a checkpoint to
+    DeepSpeed's universal format (parallel.dist_timeout_minutes). `seed` also seeds megatron's CUDA RNG
+    tracker on GPU.
     """
     env_from_launcher()
     world_size = int(os.environ["WORLD_SIZE"])
@@ -134,20 +184,35 @@ def init_distributed(tp: int, timeout_minutes: float = 10.0) -> DistInfo:
     if world_size % tp:
         raise ValueError(f"--tp {tp} does not divide the world size {world_size}; valid: a divisor of it")
     check_tp_within_node(tp, world_size, *_node_layout(), rank=int(os.environ["RANK"]))
+    check_gpu_environment()
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device = local_device(local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
     else:
         apply_cpu_shims()
         device, backend = torch.device("cpu"), "gloo"
+    comm.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, distributed_timeout_minutes=int(max(1, timeout_minutes))
+            tensor_model_parallel_size=tp, distributed_timeout_minutes=int(max(1, timeout_minutes)),
+            create_gloo_process_groups=not cuda,
         )
-    return current_info(device, backend)
+    if seed is not None:
+        seed_all(seed)
+    return current_info(device, dist.get_backend())
+
+
+def seed_all(seed: int) -> None:
+    """torch's CPU generator and, on GPU, megatron's CUDA RNG tracker (default + tensor-parallel states)."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
 
 
 def current_info(device: torch.device | None = None, backend: str | None = None) -> DistInfo:
@@ -159,8 +224,7 @@ def current_info(device: torch.device | None = None, backend: str | None = None)
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        device=device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                          else torch.device("cpu")),
+        device=device or comm.device(),
         backend=backend or dist.get_backend(),
     )
 
