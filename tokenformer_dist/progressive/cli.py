@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="full", help="a budget of the ladder config (full, small, test)")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
     args = parser.parse_args(argv)
+    # SIGTERM (kill, Slurm) unwinds like Ctrl-C, so the runner terminates the subprocesses it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.time()
     out = Path(args.out).resolve()
     try:

@@ -36,6 +36,17 @@ def _env() -> dict[str, str]:
 
 
 _print_lock = threading.Lock()
+_live: set[subprocess.Popen] = set()  # running subprocesses, terminated if the experiment is interrupted
+_live_lock = threading.Lock()
+
+
+def terminate_all() -> None:
+    """Terminate every subprocess still running (a failed or interrupted experiment leaves none behind)."""
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
 
 
 def say(line: str) -> None:
@@ -53,6 +64,8 @@ def run_logged(cmd: list[str], log: Path, what: str, echo: re.Pattern | None = N
         f.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
+        with _live_lock:
+            _live.add(proc)
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
@@ -60,6 +73,8 @@ def run_logged(cmd: list[str], log: Path, what: str, echo: re.Pattern | None = N
             if echo is not None and echo.search(line):
                 say(f"{prefix}{line.strip()}")
         rc = proc.wait()
+        with _live_lock:
+            _live.discard(proc)
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise StepFailed(f"{tail}\nerror: {what} failed (exit {rc}); full log: {log}")
@@ -113,36 +128,45 @@ class Job:
 
 def run_jobs(jobs: list[Job], workers: int, progress: Callable[[Job, float, float], None]) -> None:
     """Run `jobs` (a DAG by name) with at most `workers` at once; the first failure cancels what has not
-    started and is re-raised once the running ones finish. progress(job, done_cost, elapsed) after each."""
+    started and is re-raised once the running ones finish. progress(job, done_cost, elapsed) after each. An
+    interruption (Ctrl-C, SIGTERM turned into SystemExit by the CLI) terminates the running subprocesses."""
     by_name = {j.name: j for j in jobs}
     for j in jobs:
         for d in j.deps:
             if d not in by_name:
                 raise ValueError(f"job {j.name} depends on unknown job {d}")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            _drive(pool, list(jobs), workers, progress)
+        except BaseException:
+            terminate_all()  # so that the pool's shutdown does not wait for them
+            raise
+
+
+def _drive(pool: ThreadPoolExecutor, pending: list[Job], workers: int,
+           progress: Callable[[Job, float, float], None]) -> None:
     done: set[str] = set()
     running: dict[Future, Job] = {}
-    pending = list(jobs)
     failure: BaseException | None = None
     done_cost, t0 = 0.0, time.time()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        while pending or running:
+    while pending or running:
+        if failure is None:
+            for j in [j for j in pending if all(d in done for d in j.deps)][: workers - len(running)]:
+                pending.remove(j)
+                running[pool.submit(j.fn)] = j
+        if not running:
             if failure is None:
-                for j in [j for j in pending if all(d in done for d in j.deps)][: workers - len(running)]:
-                    pending.remove(j)
-                    running[pool.submit(j.fn)] = j
-            if not running:
-                if failure is None:
-                    raise RuntimeError(f"jobs can never start (dependency cycle): {[j.name for j in pending]}")
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                j = running.pop(fut)
-                err = fut.exception()
-                if err is not None:
-                    failure = failure or err
-                    continue
-                done.add(j.name)
-                done_cost += j.cost
-                progress(j, done_cost, time.time() - t0)
+                raise RuntimeError(f"jobs can never start (dependency cycle): {[j.name for j in pending]}")
+            break
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            j = running.pop(fut)
+            err = fut.exception()
+            if err is not None:
+                failure = failure or err
+                continue
+            done.add(j.name)
+            done_cost += j.cost
+            progress(j, done_cost, time.time() - t0)
     if failure is not None:
         raise failure
