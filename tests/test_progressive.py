@@ -1,6 +1,7 @@
 """The progressive-scaling experiment (tokenformer_dist.progressive): ladder-config validation, the FLOP
 accounting and matched-compute comparisons on synthetic curves with known answers, the headline's wording,
-and one real end-to-end run (--budget test: 7 trainer launches at TP 1, two at a time, + 4 expansions)."""
+and one real end-to-end run (--budget test of a two-stage ladder: 5 trainer launches at TP 1, two at a time,
++ 2 expansions)."""
 
 from __future__ import annotations
 
@@ -174,13 +175,48 @@ def test_headline_says_what_the_data_says():
     assert h.startswith("REGIME CHECK FAILED") and "compute_ratio 0.60" in h and "\n" not in h
 
 
+def test_run_jobs_order_concurrency_and_failure():
+    """Dependencies first, at most `workers` at once, and a failure stops what depends on it."""
+    import threading
+    import time
+
+    from tokenformer_dist.progressive.runner import Job, run_jobs
+
+    log, live, peak, lock = [], [0], [0], threading.Lock()
+
+    def work(name, fail=False):
+        def fn():
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            time.sleep(0.05)
+            with lock:
+                live[0] -= 1
+                log.append(name)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+        return fn
+
+    jobs = [Job("a", work("a")), Job("b", work("b")), Job("c", work("c"), ["a"]), Job("d", work("d"), ["c", "b"])]
+    done = []
+    run_jobs(jobs, 2, lambda j, cost, t: done.append((j.name, cost)))
+    assert log.index("a") < log.index("c") < log.index("d") and log.index("b") < log.index("d")
+    assert peak[0] == 2 and [c for _, c in done] == [1.0, 2.0, 3.0, 4.0]
+    log.clear()
+    with pytest.raises(RuntimeError, match="a failed"):
+        run_jobs([Job("a", work("a", fail=True)), Job("c", work("c"), ["a"])], 2, lambda *_: None)
+    assert log == ["a"]
+
+
 # -------------------------------------------------------------------------------- end to end
 def test_end_to_end_budget_test(sample_data, tmp_path):
+    """The shipped ladder cut to its first two stages (one growth: 5 trainer launches + 2 expansions)."""
     out = tmp_path / "prog"
-    proc = _cli("--data", str(sample_data), "--out", str(out), "--budget", "test")
+    config = _write(tmp_path, lambda r: r.update(stages=r["stages"][:2]))
+    proc = _cli("--config", str(config), "--data", str(sample_data), "--out", str(out), "--budget", "test")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     res = json.loads((out / "results.json").read_text())
-    ladder = load_ladder(LADDER)
+    ladder = load_ladder(config)
     seeds = ladder.seeds("test")
     assert {"budget", "seeds", "regime", "arms", "growth_gain", "compute_ratio", "settings"} <= set(res)
     assert res["budget"] == "test" and res["seeds"] == seeds
