@@ -25,12 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep import sample
+from data_prep.sources import clean_text
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from data_prep import sample  # noqa: E402
-from data_prep.sources import clean_text  # noqa: E402
-
 MB = 1 << 20
 
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def timed(cmd: list[str]) -> float:
@@ -49,18 +48,15 @@ def main() -> None:
     from tokenformer_dist.config import load_config
     from tokenformer_dist.expand import expand_checkpoint
     from tokenformer_dist.model import TokenFormer
-    from tokenformer_dist.parallel import destroy_distributed, init_distributed
     from tokenformer_dist.weights import write_sharded_weights
 
     work = Path(tempfile.mkdtemp(prefix="bench_expand_", dir=args.workdir))
     try:
         cfg = load_config(args.config, tp=2)
-        init_distributed(1)
         model = TokenFormer(cfg.model, seed=0)
         src = work / "src"
         write_sharded_weights(src, cfg, model.state_dict().items(), tp=2)
         del model
-        destroy_distributed()
         subprocess.run(["sync"], check=True)  # the source's own writeback must not land in a timed step
         size = du(src)
         print(f"source: {args.config} at TP 2, {size / 1e6:.0f} MB; {args.rounds} rounds, medians")

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tokenformer_dist.data import TokenShards, WindowLoader
 
-from tokenformer_dist.data import TokenShards, WindowLoader  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 from pattention_variants import make_variants, saved_bytes
 from tqdm import tqdm
+
+from tokenformer_dist.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
@@ -47,12 +48,8 @@ def train_step_child(impl: str, ckpt: bool) -> None:
     steady-state training). Prints a JSON line with RSS figures in MiB."""
     from tokenformer_dist.config import load_config
     from tokenformer_dist.model import TokenFormer
-    from tokenformer_dist.model.pattention import set_default_impl
-    from tokenformer_dist.parallel import init_distributed
 
-    init_distributed(1)
-    cfg = load_config(str(REPO / "configs/owt_124m.yaml"), [], tp=1)
-    set_default_impl(impl)
+    cfg = load_config(str(REPO / "configs/owt_124m.yaml"), [f"model.pattention_impl={impl}"], tp=1)
     model = TokenFormer(cfg.model, seed=1, activation_checkpointing=ckpt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(
@@ -119,10 +116,7 @@ def main() -> None:
     results = {}
     for ckpt in ("0", "1"):
         for impl in tqdm(("reference", "lean"), desc=f"ckpt={ckpt}", leave=False):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = {**os.environ, "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+            env = {**os.environ, "MASTER_PORT": str(free_port())}
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", impl, ckpt],
                 capture_output=True,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from tokenformer_dist.net import free_port
+from tokenformer_dist.plan import tp_layer_comm_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 D, HEADS, QKV, PROJ, FFN = 768, 12, 576, 576, 2304
@@ -88,17 +90,10 @@ def install_counters() -> None:
         setattr(mappings, alias, _wrap(fn.__name__, fn))
 
 
-# ---- the analytic minimum (docs/tensor_parallel.md) ----------------------------------------------------
+# ---- the analytic minimum (docs/tensor_parallel.md §3; the planner uses the same function) ------------
 def analytic_bytes(tp: int, tokens: int, norm: str) -> dict[str, float]:
-    """Per layer, per rank: forward = RS(3d) + AG(d) + AR(d) + AR(d) + 5 AR(1);
-    backward = AG(3d) + RS(d) + AR(d) + AR(d) + 5 AR(1); fp32, elements per token × (tp−1)/tp."""
-    f = (tp - 1) / tp * tokens * 4
-    scalar_ars = 5 * 2 * (2 if norm == "softmax" else 1)  # softmax also all-reduces the (detached) max
-    return {
-        "fwd": f * (3 * D + D + 2 * D + 2 * D + scalar_ars),
-        "bwd": f * (3 * D + D + 2 * D + 2 * D + 10),
-        "megatron_dense": f * 4 * 2 * D,
-    }
+    """Per layer, per rank, fp32: tokenformer_dist.plan.tp_layer_comm_bytes, which this script verifies."""
+    return tp_layer_comm_bytes(D, tp, tokens, norm, elem_bytes=4)
 
 
 # ---- worker (under torchrun) ---------------------------------------------------------------------------
@@ -135,7 +130,10 @@ def megatron_dense_block(tp: int):
 
 
 def worker(tokens: int) -> None:
+    from megatron.core import parallel_state
+
     from tokenformer_dist.config import ModelConfig
+    from tokenformer_dist.model import parallelize
     from tokenformer_dist.model.tokenformer import TokenFormerBlock
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
 
@@ -147,9 +145,6 @@ def worker(tokens: int) -> None:
     grad = torch.randn(1, tokens, D, generator=gen)
     for norm in ("l2_norm_gelu", "softmax"):
         for impl in ("lean", "reference"):
-            from tokenformer_dist.model.pattention import set_default_impl
-
-            set_default_impl(impl)
             cfg = ModelConfig(
                 d_model=D,
                 n_heads=HEADS,
@@ -158,8 +153,9 @@ def worker(tokens: int) -> None:
                 ffn_tokens=FFN,
                 norm=norm,
                 seq_len=tokens,
+                pattention_impl=impl,
             )
-            block = TokenFormerBlock(cfg)
+            block = parallelize(TokenFormerBlock(cfg), parallel_state.get_tensor_model_parallel_group())
             x = x0.clone().requires_grad_()
             LOG.clear()
             PHASE["name"] = "fwd"
@@ -204,10 +200,7 @@ def main() -> None:
         f"tokens {QKV}/{PROJ}/{FFN}; ring-algorithm cost of each collective actually issued"
     )
     for tp in args.tp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [
             sys.executable,
             "-m",
@@ -215,7 +208,7 @@ def main() -> None:
             "--nproc_per_node",
             str(tp),
             "--master_port",
-            str(port),
+            str(free_port()),
             __file__,
             "--worker",
             "--tokens",

@@ -7,8 +7,8 @@
 Both sides train the same TokenFormer (same shapes, same init) with torch AdamW (same decay groups, same
 lr) and gradient clipping on the same tokens, in ONE process (same threads, same allocator settings):
   ours:     TokenFormer (megatron-core layers) inside a DeepSpeed ZeRO-1 engine, gloo world of 1, stepped by
-            the trainer's own `train.train_step`, after the trainer's own process set-up
-            (`train.tune_cpu_allocator`, process-wide, so the baseline gets it too)
+            the trainer's own `trainer.train_step`, after the trainer's own process set-up
+            (`allocator.tune_cpu_allocator`, process-wide, so the baseline gets it too)
   baseline: plain nn.Modules (nn.Embedding, single-device `pattention` math, SDPA, F.cross_entropy),
             torch AdamW, clip_grad_norm_ — no megatron, no DeepSpeed
 Rounds are short and alternate the order (ABBA) so that machine noise hits both alike; prints tokens/s of
@@ -145,15 +145,19 @@ def main() -> None:
     m, t = cfg.model, cfg.train
 
     import deepspeed
+    from megatron.core import parallel_state
 
-    from tokenformer_dist.model import TokenFormer
+    from tokenformer_dist.allocator import tune_cpu_allocator
+    from tokenformer_dist.ds_config import deepspeed_config
+    from tokenformer_dist.model import TokenFormer, parallelize
+    from tokenformer_dist.optim import build_optimizer
     from tokenformer_dist.parallel import DeepSpeedMPU, init_distributed
-    from tokenformer_dist.train import build_optimizer, deepspeed_config, train_step, tune_cpu_allocator
+    from tokenformer_dist.trainer import train_step
 
     os.environ.setdefault("MASTER_PORT", "29561")
     init_distributed(1)
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()  # as train.train() does on CPU
-    ours_model = TokenFormer(m, seed=t.seed)
+    ours_model = parallelize(TokenFormer(m, seed=t.seed), parallel_state.get_tensor_model_parallel_group())
     optimizer = build_optimizer(ours_model, cfg, fused=False)
     engine, *_ = deepspeed.initialize(
         model=ours_model, optimizer=optimizer, mpu=DeepSpeedMPU, config=deepspeed_config(cfg, 1, False, False)
@@ -167,7 +171,7 @@ def main() -> None:
     host = torch.device("cpu")
 
     def ours_step() -> float:
-        return train_step(engine, batches, t.lr, 1, host).item()
+        return train_step(engine, batches, t.lr, 1).item()
 
     def base_step() -> float:
         for group in base_opt.param_groups:

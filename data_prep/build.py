@@ -13,34 +13,26 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # `python data_prep/build.py` puts data_prep/, not the repo, on sys.path
-    sys.path.insert(0, str(_REPO))
+from data_prep import shards as shards_mod
+from data_prep import sources, tokenizer
+from data_prep.runners import MB, LocalRunner, RayRunner, log, make_runner
+from data_prep.sources import DataError
+from tokenformer_dist.data import FORMAT
 
-from data_prep import shards as shards_mod  # noqa: E402
-from data_prep import sources, tokenizer  # noqa: E402
-from data_prep.encode import process_unit  # noqa: E402
-from data_prep.sources import DataError  # noqa: E402
-
-FORMAT = "tokenformer-dist/zarr-token-shards"
 FORMAT_VERSION = 1
 DEFAULT_VOCAB = 50304
 SAMPLE_VOCAB = 8192
 DEFAULT_VAL_FRACTION = 0.0005
 SAMPLE_VAL_FRACTION = 0.05
-MAX_RAY_TEMP_LEN = 40  # Ray's socket paths add ~65 characters; Unix sockets allow ~107
-MB = 1 << 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,10 +116,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------------- #
 
 
@@ -195,93 +183,6 @@ def prepare_output(out: Path, args, fingerprint: str) -> bool:
 # --------------------------------------------------------------------------------------------- #
 
 
-class RayRunner:
-    def __init__(self, workers: int | None, address: str | None, out: Path, block_bytes: int):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
-
-        self.ray = ray
-        self.tmp_cleanup = None
-        kwargs: dict = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-        if address:
-            kwargs["address"] = address
-            kwargs["runtime_env"] = {"py_modules": [str(_REPO / "data_prep")]}
-        else:
-            # The workers import data_prep from the repository; they inherit this environment.
-            pp = os.environ.get("PYTHONPATH")
-            os.environ["PYTHONPATH"] = str(_REPO) + (os.pathsep + pp if pp else "")
-            temp = (out / ".build" / "ray").resolve()
-            if len(str(temp)) > MAX_RAY_TEMP_LEN:
-                temp = Path(tempfile.mkdtemp(prefix="tfd-ray-", dir="/tmp"))
-                self.tmp_cleanup = temp
-                log(f"note: the output path is too long for Ray's Unix sockets; Ray's temp dir is {temp}")
-            elif temp.exists():
-                shutil.rmtree(temp, ignore_errors=True)
-            kwargs.update(
-                address="local",
-                num_cpus=workers or os.cpu_count() or 1,
-                _temp_dir=str(temp),
-                object_store_memory=max(256 * MB, min(2048 * MB, 8 * (workers or 2) * block_bytes)),
-            )
-        ray.init(**kwargs)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.workers = workers or cpus
-        self.remote = ray.remote(num_cpus=1)(process_unit)
-
-    def submit(self, unit, model_ref, cfg):
-        return self.remote.remote(unit, model_ref, cfg)
-
-    def put(self, obj):
-        return self.ray.put(obj)
-
-    def wait_one(self, refs):
-        done, _ = self.ray.wait(list(refs), num_returns=1)
-        return done[0]
-
-    def get(self, ref):
-        try:
-            return self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, (DataError, ValueError)):
-                raise DataError(str(cause)) from None
-            raise
-
-    def close(self):
-        self.ray.shutdown()
-        if self.tmp_cleanup:
-            shutil.rmtree(self.tmp_cleanup, ignore_errors=True)
-
-
-class LocalRunner:
-    """--workers 0: everything in this process (no Ray)."""
-
-    workers = 1
-
-    def __init__(self):
-        self.results = {}
-        self.n = 0
-
-    def put(self, obj):
-        return obj
-
-    def submit(self, unit, model_ref, cfg):
-        ref = self.n
-        self.n += 1
-        self.results[ref] = process_unit(unit, model_ref, cfg)
-        return ref
-
-    def wait_one(self, refs):
-        return next(iter(refs))
-
-    def get(self, ref):
-        return self.results.pop(ref)
-
-    def close(self):
-        pass
-
-
 def token_dtype(vocab_size: int) -> str:
     """uint16 when every id fits (ids < vocab_size <= 65536), else uint32."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
@@ -295,8 +196,43 @@ def _crash_hook(stage: str) -> None:
 # --------------------------------------------------------------------------------------------- #
 
 
-def run(args) -> int:
-    t0 = time.time()
+@dataclass
+class BuildState:
+    """What one build knows, step by step: inputs and output, then the tokenizer, then the tokenized units."""
+
+    args: argparse.Namespace
+    out: Path
+    inputs: list[Path]
+    sample: bool
+    t0: float
+    files: list[list[tuple[Path, str]]] = field(default_factory=list)
+    det_args: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    # the tokenizer
+    vocab: int = 0
+    eod: int = 0
+    dtype: str = ""
+    tok_info: dict = field(default_factory=dict)
+    # the tokenize step
+    keys: list[str] = field(default_factory=list)  # every unit, in output order
+    resumed: int = 0  # units already done by an interrupted build
+    totals: Counter = field(default_factory=Counter)
+    plan_stats: Counter = field(default_factory=Counter)
+    workers: int = 0  # 0 = in-process; else the runner's concurrent tasks
+    t_tokenize: float = 0.0
+    task_cpu_seconds: float = 0.0
+
+    @property
+    def build_dir(self) -> Path:
+        return self.out / ".build"
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.out / ".build" / "parts"
+
+
+def _resolve_inputs(args: argparse.Namespace, t0: float) -> BuildState | None:
+    """The inputs and output directory (writing the sample corpus when no --input); None: nothing to do."""
     sample = args.input is None
     if sample:
         from data_prep.sample import write_sample_text
@@ -305,7 +241,7 @@ def run(args) -> int:
         man = out / "manifest.json"
         if not (args.resume or args.overwrite) and man.exists() and json.loads(man.read_text()).get("sample"):
             log(f"the sample dataset {out} already exists (pass --overwrite to rebuild it)")
-            return 0
+            return None
         text_dir = out.parent / (out.name + "-text")
         path, n_docs, n_bytes = write_sample_text(text_dir, int(args.sample_mb * MB))
         if n_bytes == 0:
@@ -333,38 +269,13 @@ def run(args) -> int:
             raise DataError(f"--output {out} must not contain the input {i}")
         if i.is_dir() and i in out.parents:
             raise DataError(f"--output {out} must not be inside the input directory {i}")
+    return BuildState(args=args, out=out, inputs=inputs, sample=sample, t0=t0)
 
-    files, _ = _file_list(inputs)
-    total_bytes = sum(p.stat().st_size for g in files for p, _ in g)
-    est_text = sum(sources._est(fmt, p.stat().st_size) for g in files for p, fmt in g)
-    if args.block_mb is not None:
-        block_bytes = max(4096, int(args.block_mb * MB))
-    else:
-        block_bytes = int(min(16 * MB, max(1 * MB, est_text // 256)))
-    max_doc_bytes = int(args.max_doc_mb * MB)
 
-    tok_given = None
-    if args.tokenizer is not None:
-        tok_given = tokenizer.load(args.tokenizer, args.vocab_size)
-    det_args = {
-        "vocab_size": args.vocab_size if tok_given is None else tok_given[1],
-        "tokenizer": None if tok_given is None else hashlib.sha256(tok_given[0]).hexdigest(),
-        "model_type": args.model_type if tok_given is None else None,
-        "val_fraction": args.val_fraction,
-        "block_bytes": block_bytes,
-        "max_doc_bytes": max_doc_bytes,
-        "tokenizer_sample_bytes": int(args.tokenizer_sample_mb * MB) if tok_given is None else None,
-        "tokenizer_train_threads": tokenizer.TRAIN_THREADS if tok_given is None else None,
-    }
-    fingerprint = _fingerprint(files, det_args)
-    if prepare_output(out, args, fingerprint):
-        log(f"{out} is already complete (nothing to do)")
-        return 0
-    build = out / ".build"
-    parts_dir = build / "parts"
-
-    # ---- tokenizer ---------------------------------------------------------------------------
-    tok_path = out / "tokenizer.model"
+def _tokenizer(st: BuildState, tok_given, block_bytes: int, max_doc_bytes: int, est_text: int) -> bytes:
+    """Reuse the given tokenizer, the one an interrupted build trained, or train one; returns the model."""
+    args, build = st.args, st.build_dir
+    tok_path = st.out / "tokenizer.model"
     tok_info_path = build / "tokenizer.json"
     if tok_given is not None:
         model_bytes, vocab, eod = tok_given
@@ -379,7 +290,7 @@ def run(args) -> int:
         tb = time.time()
         units = (
             u
-            for i, inp in enumerate(inputs)
+            for i, inp in enumerate(st.inputs)
             for u in sources.plan_input(i, inp, block_bytes, max_doc_bytes, Counter())
         )
         sample_path = build / "tokenizer_sample.txt"
@@ -401,66 +312,102 @@ def run(args) -> int:
         model_bytes, vocab, eod = tokenizer.load(tok_path, args.vocab_size)
         log(f"tokenizer trained in {time.time() - tb:.1f} s")
     tok_info["sha256"] = hashlib.sha256(model_bytes).hexdigest()
-    dtype = token_dtype(vocab)
+    st.vocab, st.eod, st.dtype, st.tok_info = vocab, eod, token_dtype(vocab), tok_info
+    return model_bytes
+
+
+def _tokenize(st: BuildState, runner: LocalRunner | RayRunner, model_bytes: bytes, block_bytes: int,
+              max_doc_bytes: int, total_bytes: int) -> None:
+    """One task per unit (units already done by an interrupted build are counted, not redone)."""
+    from tqdm import tqdm
+
+    cfg = {"eod_id": st.eod, "dtype": st.dtype, "val_fraction": st.args.val_fraction,
+           "max_doc_bytes": max_doc_bytes}
+    t_start = time.time()
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="tokenizing",
+        disable=st.args.no_progress,
+        mininterval=1.0,
+        smoothing=0.05,
+        file=sys.stderr,
+    )
+    model_ref = runner.put(model_bytes)
+    inflight: dict = {}
+    max_inflight = 2 * runner.workers
+
+    def account(unit: sources.Unit, stats: dict) -> None:
+        st.totals.update(stats)
+        bar.update(unit.nbytes)
+        bar.set_postfix_str(
+            f"docs={st.totals['documents']:,} tokens={st.totals['train_tokens'] + st.totals['val_tokens']:,}",
+            refresh=False,
+        )
+
+    def finish(ref) -> None:
+        unit = inflight.pop(ref)
+        res = runner.get(ref)
+        shards_mod.write_part(st.parts_dir, unit.key, res)
+        st.task_cpu_seconds += res.get("cpu_seconds", 0.0)
+        account(unit, res["stats"])
+
+    for i, inp in enumerate(st.inputs):
+        for unit in sources.plan_input(i, inp, block_bytes, max_doc_bytes, st.plan_stats):
+            st.keys.append(unit.key)
+            if shards_mod.part_path(st.parts_dir, unit.key).exists():
+                account(unit, shards_mod.read_part_stats(st.parts_dir, unit.key))
+                st.resumed += 1
+                continue
+            while len(inflight) >= max_inflight:
+                finish(runner.wait_one(inflight))
+            inflight[runner.submit(unit, model_ref, cfg)] = unit
+    while inflight:
+        finish(runner.wait_one(inflight))
+    bar.close()
+    st.t_tokenize = time.time() - t_start
+    st.workers = 0 if st.args.workers == 0 else runner.workers
+
+
+def run(args: argparse.Namespace) -> int:
+    st = _resolve_inputs(args, time.time())
+    if st is None:
+        return 0
+    st.files, _ = _file_list(st.inputs)
+    total_bytes = sum(p.stat().st_size for g in st.files for p, _ in g)
+    est_text = sum(sources._est(fmt, p.stat().st_size) for g in st.files for p, fmt in g)
+    if args.block_mb is not None:
+        block_bytes = max(4096, int(args.block_mb * MB))
+    else:
+        block_bytes = int(min(16 * MB, max(1 * MB, est_text // 256)))
+    max_doc_bytes = int(args.max_doc_mb * MB)
+
+    tok_given = None
+    if args.tokenizer is not None:
+        tok_given = tokenizer.load(args.tokenizer, args.vocab_size)
+    st.det_args = {
+        "vocab_size": args.vocab_size if tok_given is None else tok_given[1],
+        "tokenizer": None if tok_given is None else hashlib.sha256(tok_given[0]).hexdigest(),
+        "model_type": args.model_type if tok_given is None else None,
+        "val_fraction": args.val_fraction,
+        "block_bytes": block_bytes,
+        "max_doc_bytes": max_doc_bytes,
+        "tokenizer_sample_bytes": int(args.tokenizer_sample_mb * MB) if tok_given is None else None,
+        "tokenizer_train_threads": tokenizer.TRAIN_THREADS if tok_given is None else None,
+    }
+    st.fingerprint = _fingerprint(st.files, st.det_args)
+    if prepare_output(st.out, args, st.fingerprint):
+        log(f"{st.out} is already complete (nothing to do)")
+        return 0
+
+    model_bytes = _tokenizer(st, tok_given, block_bytes, max_doc_bytes, est_text)
     _crash_hook("after-tokenizer")
 
-    # ---- tokenize: one Ray task per unit -------------------------------------------------------
-    cfg = {"eod_id": eod, "dtype": dtype, "val_fraction": args.val_fraction, "max_doc_bytes": max_doc_bytes}
-    plan_stats: Counter = Counter()
-    runner = (
-        LocalRunner() if args.workers == 0 else RayRunner(args.workers, args.ray_address, out, block_bytes)
-    )
-    keys: list[str] = []
-    resumed = 0
-    cpu = [0.0]  # CPU seconds spent in the tasks (this run)
-    totals: Counter = Counter()
-    t_start = time.time()
+    runner = make_runner(args.workers, args.ray_address, st.out, block_bytes, st.inputs)
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=total_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1000,
-            desc="tokenizing",
-            disable=args.no_progress,
-            mininterval=1.0,
-            smoothing=0.05,
-            file=sys.stderr,
-        )
-        model_ref = runner.put(model_bytes)
-        inflight: dict = {}
-        max_inflight = 2 * runner.workers
-
-        def finish(ref):
-            unit = inflight.pop(ref)
-            res = runner.get(ref)
-            shards_mod.write_part(parts_dir, unit.key, res)
-            cpu[0] += res.get("cpu_seconds", 0.0)
-            account(unit, res["stats"])
-
-        def account(unit, st):
-            totals.update(st)
-            bar.update(unit.nbytes)
-            bar.set_postfix_str(
-                f"docs={totals['documents']:,} tokens={totals['train_tokens'] + totals['val_tokens']:,}",
-                refresh=False,
-            )
-
-        for i, inp in enumerate(inputs):
-            for unit in sources.plan_input(i, inp, block_bytes, max_doc_bytes, plan_stats):
-                keys.append(unit.key)
-                if shards_mod.part_path(parts_dir, unit.key).exists():
-                    account(unit, shards_mod.read_part_stats(parts_dir, unit.key))
-                    resumed += 1
-                    continue
-                while len(inflight) >= max_inflight:
-                    finish(runner.wait_one(inflight))
-                inflight[runner.submit(unit, model_ref, cfg)] = unit
-        while inflight:
-            finish(runner.wait_one(inflight))
-        bar.close()
+        _tokenize(st, runner, model_bytes, block_bytes, max_doc_bytes, total_bytes)
     except BaseException:
         runner.close()
         raise
@@ -468,48 +415,18 @@ def run(args) -> int:
     closer = threading.Thread(target=runner.close, daemon=True)
     closer.start()
     try:
-        return _assemble(SimpleNamespace(**{k: v for k, v in locals().items() if k in _CTX}))
+        return _assemble(st, closer)
     finally:
         closer.join()
 
 
-_CTX_ORDER = (
-    "args t0 t_start out keys resumed totals plan_stats dtype vocab eod tok_info det_args inputs files "
-    "sample runner fingerprint closer cpu"
-).split()
-_CTX = set(_CTX_ORDER)
-
-
-def _assemble(c: SimpleNamespace) -> int:
+def _assemble(st: BuildState, closer: threading.Thread) -> int:
     """Assemble the splits from the parts, write the manifest, clean up."""
-    (
-        args,
-        t0,
-        t_start,
-        out,
-        keys,
-        resumed,
-        totals,
-        plan_stats,
-        dtype,
-        vocab,
-        eod,
-        tok_info,
-        det_args,
-        inputs,
-        files,
-        sample,
-        runner,
-        fingerprint,
-        closer,
-        cpu,
-    ) = (getattr(c, k) for k in _CTX_ORDER)
-    build = out / ".build"
-    parts_dir = build / "parts"
-    t_tok = time.time() - t_start
-    if resumed:
-        log(f"resume: {resumed} of {len(keys)} units were already done and were not redone")
-    totals.update(plan_stats)  # skips counted while planning (symlinks, tar members, ...)
+    args, out, build, parts_dir, totals = st.args, st.out, st.build_dir, st.parts_dir, st.totals
+    vocab, eod, dtype = st.vocab, st.eod, st.dtype
+    if st.resumed:
+        log(f"resume: {st.resumed} of {len(st.keys)} units were already done and were not redone")
+    totals.update(st.plan_stats)  # skips counted while planning (symlinks, tar members, ...)
     if totals["documents"] == 0:
         raise DataError("no documents found in the inputs (all empty or skipped)")
     _crash_hook("after-parts")
@@ -517,7 +434,7 @@ def _assemble(c: SimpleNamespace) -> int:
     # ---- assemble zarr arrays, then the manifest ---------------------------------------------
     splits = {}
     for split in shards_mod.SPLITS:
-        splits[split] = shards_mod.assemble_split(parts_dir, keys, split, out / split, build, dtype)
+        splits[split] = shards_mod.assemble_split(parts_dir, st.keys, split, out / split, build, dtype)
         _crash_hook(f"after-{split}")
     import zarr
 
@@ -535,7 +452,7 @@ def _assemble(c: SimpleNamespace) -> int:
         "vocab_size": vocab,
         "eod_id": eod,
         "dtype": dtype,
-        "tokenizer": {"file": "tokenizer.model", **tok_info},
+        "tokenizer": {"file": "tokenizer.model", **st.tok_info},
         "splits": {
             s: {
                 "documents": splits[s]["documents"],
@@ -554,18 +471,18 @@ def _assemble(c: SimpleNamespace) -> int:
                 "bytes": sum(p.stat().st_size for p, _ in g),
                 "formats": sorted({f for _, f in g}),
             }
-            for inp, g in zip(inputs, files, strict=True)
+            for inp, g in zip(st.inputs, st.files, strict=True)
         ],
-        "sample": sample,
-        "arguments": det_args,
-        "units": len(keys),
+        "sample": st.sample,
+        "arguments": st.det_args,
+        "units": len(st.keys),
         "run": {  # the only part that may differ between two builds of the same data
-            "workers": 0 if args.workers == 0 else runner.workers,
+            "workers": st.workers,
             "ray_address": args.ray_address,
-            "seconds": round(time.time() - t0, 3),
-            "fingerprint": fingerprint,
-            "tokenize_seconds": round(t_tok, 3),
-            "task_cpu_seconds": round(cpu[0], 3),
+            "seconds": round(time.time() - st.t0, 3),
+            "fingerprint": st.fingerprint,
+            "tokenize_seconds": round(st.t_tokenize, 3),
+            "task_cpu_seconds": round(st.task_cpu_seconds, 3),
         },
     }
     tokenizer.write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
@@ -576,13 +493,13 @@ def _assemble(c: SimpleNamespace) -> int:
     log(
         f"built {out}: train {splits['train']['documents']:,} docs / {splits['train']['tokens']:,} tokens, "
         f"val {splits['val']['documents']:,} docs / {splits['val']['tokens']:,} tokens; "
-        f"vocab {vocab} ({dtype}), eod id {eod}; {time.time() - t0:.1f} s "
-        f"({ntok / max(t_tok, 1e-9) / 1e6:.2f} M tokens/s tokenizing)"
+        f"vocab {vocab} ({dtype}), eod id {eod}; {time.time() - st.t0:.1f} s "
+        f"({ntok / max(st.t_tokenize, 1e-9) / 1e6:.2f} M tokens/s tokenizing)"
     )
     dropped = {k: v for k, v in counts.items() if k.startswith(("dropped", "skipped", "invalid")) and v}
     if dropped:
         log("skipped/counted: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
-    if sample:
+    if st.sample:
         log(
             f"this is a small sample (vocab {vocab}). For OpenWebText run:\n"
             "  python data_prep/build.py --input /path/to/openwebtext.tar.xz --output data/owt"
@@ -603,4 +520,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # `python data_prep/build.py` runs this file as __main__: the code above came from the installed
+    # data_prep package (see pyproject.toml), so this is the same build as `python -m data_prep.build`.
     sys.exit(main())

@@ -59,7 +59,10 @@ cpus_on_node="${SLURM_CPUS_ON_NODE:-$TASKS_PER_NODE}"
 CPUS_PER_TASK="${CPUS_PER_TASK:-$((cpus_on_node / TASKS_PER_NODE > 0 ? cpus_on_node / TASKS_PER_NODE : 1))}"
 
 # --- rendezvous on the first node; the port comes from the job id so two jobs can share a node ----------
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# the address Slurm itself reaches that node at (NodeAddr; it is the node name unless slurm.conf says otherwise)
+MASTER_ADDR="$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)"
+MASTER_ADDR="${MASTER_ADDR:-$first_node}"
 MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT
 # a RANK/WORLD_SIZE inherited from the submitting shell would override SLURM_PROCID in the trainer
@@ -71,8 +74,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"          # long IB retries ride out transient fabric errors
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # megatron-core's TP setting
-# one thread per rank as torchrun does, unless the job gave each task several CPUs (--cpus-per-task)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+# one thread per CPU that each rank gets (CPUS_PER_TASK above: the node's CPUs over its ranks, or as given)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$CPUS_PER_TASK}"
 
 # --- trainer command ---------------------------------------------------------------------------------------
 train=("$PYTHON" -m tokenformer_dist.train --config "$CONFIG" --run-dir "$RUN_DIR")
@@ -95,6 +98,7 @@ srun_args=(--nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --ntasks="$WORLD
 
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $WORLD ranks ($NODES node(s) x $TASKS_PER_NODE," \
   "GPUs/node $GPUS_PER_NODE), rendezvous $MASTER_ADDR:$MASTER_PORT"
+log "nodes $SLURM_JOB_NODELIST; $CPUS_PER_TASK CPU(s) and $OMP_NUM_THREADS OMP thread(s) per rank"
 log "${train[*]}"
 
 # --- signals -----------------------------------------------------------------------------------------------

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tokenformer_dist.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DIST_SCRIPTS = REPO / "tests" / "dist_scripts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# the tiny model of the TP tests (ModelConfig fields): 6 heads, so TP 4 needs a micro-batch of 2
+TINY_MODEL = dict(vocab_size=256, d_model=48, n_layers=2, n_heads=6, seq_len=16, qkv_tokens=32, proj_tokens=32,
+                  ffn_tokens=64)
 
 
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 300,

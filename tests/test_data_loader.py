@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ def test_resume_at_another_dp_size_continues_the_same_order(ds):
 
 def test_epochs_roll_over_with_a_new_permutation(ds):
     ld = WindowLoader(ds, "train", SEQ * 4, 1, 0, 1, seed=1)
-    n = ld.batches_per_epoch()
+    n = ld.n_windows // ld.global_batch
     assert n == ld.shards.n_windows(SEQ * 4)
     it = iter(ld)
     e0 = torch.cat([next(it) for _ in range(n)])
@@ -141,7 +142,7 @@ def test_epochs_roll_over_with_a_new_permutation(ds):
     assert rows0 == sorted(tuple(r.tolist()) for r in e1) and not torch.equal(e0, e1)
     assert len(set(rows0)) == n  # every window exactly once per epoch
     ld8 = WindowLoader(ds, "train", SEQ * 4, 4, 1, 2, seed=1)
-    n8 = ld8.batches_per_epoch()
+    n8 = ld8.n_windows // ld8.global_batch
     assert n8 * 8 <= n < (n8 + 1) * 8  # the tail (< one round) is dropped
     it8 = iter(ld8)
     for _ in range(n8 + 1):
@@ -149,21 +150,35 @@ def test_epochs_roll_over_with_a_new_permutation(ds):
     assert ld8.state_dict()["epoch"] == 1 and ld8.state_dict()["position"] == 8
 
 
-def test_eval_pass_over_val_exactly_once(ds):
+def test_unshuffled_iteration_walks_windows_in_order(ds):
     dp, mbs = 2, 3
-    loaders = [WindowLoader(ds, "val", SEQ, mbs, r, dp, seed=0, shuffle=False) for r in range(dp)]
-    s = loaders[0].shards
-    per_rank = [list(ld.epoch_batches()) for ld in loaders]
-    rounds = s.n_windows(SEQ) // (dp * mbs)
-    assert all(len(b) == rounds for b in per_rank)
-    got = torch.cat([torch.cat([per_rank[r][k] for r in range(dp)]) for k in range(rounds)])
-    want = np.stack([s.window(i, SEQ) for i in range(rounds * dp * mbs)])
-    assert np.array_equal(got.numpy(), want)
-    assert loaders[0].state_dict()["position"] == 0  # evaluation does not move the training position
-    assert len(list(loaders[0].epoch_batches(max_batches=2))) == 2
-    # shuffle=False iteration walks the windows in order
-    b = next(iter(loaders[1]))
+    ld = WindowLoader(ds, "val", SEQ, mbs, 1, dp, seed=0, shuffle=False)
+    s = ld.shards
+    b = next(iter(ld))
     assert np.array_equal(b.numpy(), np.stack([s.window(i, SEQ) for i in range(mbs, 2 * mbs)]))
+
+
+def test_prefetcher_hands_out_the_same_batches_and_exact_state(ds):
+    """Read-ahead on a thread must not move the checkpointed position past what was consumed."""
+    from tokenformer_dist.data import Prefetcher
+
+    plain = WindowLoader(ds, "train", SEQ, 2, 1, 2, seed=5)
+    it = iter(plain)
+    want = [next(it) for _ in range(12)]
+    ld = WindowLoader(ds, "train", SEQ, 2, 1, 2, seed=5)
+    pf = Prefetcher(ld, torch.device("cpu"), depth=4)
+    got = [next(pf) for _ in range(5)]
+    time.sleep(0.2)  # let the thread run ahead
+    state = pf.state_dict()
+    pf.close()
+    assert state["position"] == 5 * 4 and ld.state_dict()["position"] > state["position"]
+    resumed = WindowLoader(ds, "train", SEQ, 2, 1, 2, seed=0)
+    resumed.load_state_dict(state)
+    pf2 = Prefetcher(resumed, torch.device("cpu"), depth=2)
+    got += [next(pf2) for _ in range(7)]
+    pf2.close()
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_loader_errors(ds):

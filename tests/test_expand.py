@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 
 from tests.dist import DIST_SCRIPTS, REPO, torchrun
 from tests.dist_scripts.train_helpers import launch_runs, losses, train_argv
+from tokenformer_dist.expand_cli import main as expand_main
 
 GROWN = {"qkv": 96, "proj": 80, "ffn": 384}  # tiny.yaml has 64 / 64 / 256
 CASES = [  # name, source run, target TP, target counts (None: pure reshard), init
@@ -76,13 +76,6 @@ def test_training_continues_from_the_expanded_checkpoint(checks, sources, sample
     assert abs(loss_new - loss_old) <= 1e-5 * abs(loss_old)
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("expand_tokens", REPO / "tools" / "expand_tokens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.mark.parametrize("args, needle", [
     (["--tp", "3", "--grow", "1"], "not divisible by parallel.tp=3; nearest valid"),
     (["--tp", "2", "--tokens", "qkv=63,proj=64,ffn=256"], "qkv_tokens=63 is fewer than the checkpoint's 64"),
@@ -94,7 +87,7 @@ def _cli():
 ])
 def test_bad_targets_are_one_line_errors(sources, tmp_path, capsys, args, needle):
     dst = tmp_path / "dst"
-    assert _cli()(["--ckpt", str(sources / "tp1_z1"), "--out", str(dst), "--no-progress", *args]) == 2
+    assert expand_main(["--ckpt", str(sources / "tp1_z1"), "--out", str(dst), "--no-progress", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
     assert not dst.exists() and not any(p.name.startswith(".dst") for p in tmp_path.iterdir())
@@ -127,7 +120,7 @@ def test_keep_optimizer_resumes_the_schedule(sources, sample_data, tmp_path):
     src_run = tmp_path / "src"
     shutil.copytree(sources / "tp1_z1", src_run)
     dst = tmp_path / "dst"
-    assert _cli()(["--ckpt", str(src_run), "--out", str(dst), "--tp", "2", "--tokens", "qkv=96,proj=80,ffn=384",
+    assert expand_main(["--ckpt", str(src_run), "--out", str(dst), "--tp", "2", "--tokens", "qkv=96,proj=80,ffn=384",
                    "--keep-optimizer", "--no-progress"]) == 0
     assert (dst / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     cont = train_argv(sample_data, src_run, 3, tp=1, zero=1)
@@ -138,7 +131,7 @@ def test_keep_optimizer_resumes_the_schedule(sources, sample_data, tmp_path):
 
 
 def test_keep_optimizer_refuses_zero3_sources(sources, tmp_path, capsys):
-    assert _cli()(["--ckpt", str(sources / "tp2_z3"), "--out", str(tmp_path / "dst"), "--tp", "2", "--grow", "1",
+    assert expand_main(["--ckpt", str(sources / "tp2_z3"), "--out", str(tmp_path / "dst"), "--tp", "2", "--grow", "1",
                    "--keep-optimizer", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "ZeRO-3" in err and "\n" not in err and not (tmp_path / "dst").exists()

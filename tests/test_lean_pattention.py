@@ -9,15 +9,10 @@ import pytest
 import torch
 
 from tests.dist import DIST_SCRIPTS, torchrun
+from tokenformer_dist.config import ConfigError, ModelConfig, load_config
+from tokenformer_dist.model import TokenFormer
 from tokenformer_dist.model.lean import lean_pattention
-from tokenformer_dist.model.pattention import (
-    IMPL_ENV,
-    Pattention,
-    get_default_impl,
-    reference_pattention,
-    set_default_impl,
-    set_impl,
-)
+from tokenformer_dist.model.pattention import Pattention, reference_pattention, set_impl
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 
@@ -107,27 +102,21 @@ def test_keeps_one_tokens_by_n_tensor(norm):
     assert ref_no_x >= 2 * unit
 
 
-def test_impl_selection(monkeypatch):
-    previous = set_default_impl(None)
-    try:
-        monkeypatch.delenv(IMPL_ENV, raising=False)
-        assert get_default_impl() == "lean" and Pattention(8, 8, 16).impl == "lean"
-        monkeypatch.setenv(IMPL_ENV, "reference")
-        assert Pattention(8, 8, 16).impl == "reference"
-        set_default_impl("lean")  # an explicit override beats the environment
-        layer = Pattention(8, 8, 16)
-        assert layer.impl == "lean" and Pattention(8, 8, 16, impl="reference").impl == "reference"
-        set_impl(torch.nn.Sequential(layer), "reference")
-        assert layer.impl == "reference"
-        with pytest.raises(ValueError, match="valid: lean, reference"):
-            Pattention(8, 8, 16, impl="fast")
-        set_default_impl(None)
-        monkeypatch.setenv(IMPL_ENV, "fast")
-        bad_env = f"^environment variable {IMPL_ENV}: .*'fast'; valid: lean, reference$"
-        with pytest.raises(ValueError, match=bad_env):
-            get_default_impl()
-    finally:
-        set_default_impl(previous)
+def test_impl_selection():
+    assert ModelConfig().pattention_impl == "lean" and Pattention(8, 8, 16).impl == "lean"
+    cfg = ModelConfig(vocab_size=32, d_model=8, n_layers=1, n_heads=2, seq_len=4, qkv_tokens=4, proj_tokens=4,
+                      ffn_tokens=4, pattention_impl="reference")  # the config field reaches every Pattention
+    layers = [m for m in TokenFormer(cfg).modules() if isinstance(m, Pattention)]
+    assert len(layers) == 5 and all(m.impl == "reference" for m in layers)
+    layer = Pattention(8, 8, 16)
+    assert Pattention(8, 8, 16, impl="reference").impl == "reference"
+    set_impl(torch.nn.Sequential(layer), "reference")
+    assert layer.impl == "reference"
+    with pytest.raises(ValueError, match="valid: lean, reference"):
+        Pattention(8, 8, 16, impl="fast")
+    bad = "^<defaults>: model.pattention_impl must be one of lean, reference, got 'fast'$"
+    with pytest.raises(ConfigError, match=bad):
+        load_config(None, ["model.pattention_impl=fast"])
 
 
 def test_module_paths_agree():

@@ -36,6 +36,30 @@ def test_logits_loss_grads_match_tp1(tp_runs, norm, tp):
         assert rel_err(got["grads"][name], g) <= 1e-5, name
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_single_device_model_matches_tp1(tp_runs, norm):
+    """The plain model (torch only: no process group, no parallelize) computes what TP 1 computes."""
+    ref = torch.load(tp_runs / f"tp1_{norm}.pt", weights_only=True)
+    got = torch.load(tp_runs / f"tp0_{norm}.pt", weights_only=True)
+    assert rel_err(got["logits"], ref["logits"]) <= 1e-6
+    assert abs(got["loss"].item() - ref["loss"].item()) <= 1e-6 * abs(ref["loss"].item())
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        assert rel_err(got["grads"][name], g) <= 1e-6, name
+
+
+def test_plain_model_imports_no_megatron(tp_runs):
+    report = json.loads((tp_runs / "report.json").read_text())
+    assert report["megatron_modules_of_plain_model"] == []
+
+
+def test_meta_built_model_equals_parallelized_model(tp_runs):
+    """build_parallel_model (meta device, only this rank's shards allocated) gives the same weights."""
+    report = json.loads((tp_runs / "report.json").read_text())
+    flags = {k: v for k, v in report.items() if k.startswith("built_equals_parallelized_")}
+    assert len(flags) == 9 and all(flags.values()), flags
+
+
 def test_param_count_matches_config_formula(tp_runs):
     report = json.loads((tp_runs / "report.json").read_text())
     for tp in (1, 2, 4):

@@ -1,6 +1,9 @@
-"""The Slurm scripts on a real one-node Slurm (tests/slurm_cluster.py): a tiny TP-2 job through
-slurm/pretrain_1p4b.sh, and a job that is requeued twice (by `scontrol requeue`, and by its own script on
-the time-limit signal) and resumes from its checkpoint each time. Skipped where Slurm is not installed.
+"""The Slurm scripts on a real two-node Slurm on this machine (tests/slurm_cluster.py: two `slurmd -N`):
+a tiny job through `sbatch --nodes=2 slurm/pretrain_124m.sh` (2 CPU tasks per node, TP 2 inside a node,
+DP 2 across), the same job requeued twice (by `scontrol requeue`, and by its own script on the time-limit
+signal) resuming from its checkpoint each time with the same losses, slurm/progressive.sh chaining two
+stages on two nodes, and Slurm's host-list expansion against `scontrol show hostnames`. Skipped (reason
+printed) where Slurm is not installed or its daemons cannot start.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import pytest
 import yaml
 
 from tests.slurm_cluster import SlurmCluster
+from tokenformer_dist.parallel import expand_hostlist
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"
 SCRIPTS = sorted(SLURM_DIR.glob("*.sh"))
-# one node, two CPU ranks (TP 2): how the multi-node GPU scripts are run here
-CPU_FLAGS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]  # > the 10-min USR1 lead
+# one node, two CPU ranks: how the multi-node GPU scripts are run here (--time > the 10-min USR1 lead)
+CPU_FLAGS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]
+# two nodes, two CPU ranks each: TP 2 inside a node, DP 2 across the nodes
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30"]
 TINY = ["--set", "train.log_every=1", "--set", "train.eval_every=100000", "--set", "train.eval_batches=1",
         "--set", "train.save_every=100000"]
 
@@ -44,7 +50,8 @@ def test_scripts_parse_and_pass_shellcheck() -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SlurmCluster]:
-    c = SlurmCluster(cpus=4).start()
+    # 2 CPUs per node: 1 per rank, so 4 ranks do not oversubscribe 2 real cores with OMP threads
+    c = SlurmCluster(cpus=2, nodes=2).start()
     try:
         yield c
     finally:
@@ -63,9 +70,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, cluster: SlurmCluster) ->
 
 
 def _submit_tiny(cluster: SlurmCluster, tmp: Path, data: Path, steps: int) -> tuple[int, Path, Path]:
+    """`sbatch --nodes=2 slurm/pretrain_124m.sh` with the tiny config at TP 2 (CPU settings via the env)."""
     run_dir, out = tmp / "run", tmp / "job.out"
-    job = cluster.submit(SLURM_DIR / "pretrain_1p4b.sh", ["--steps", str(steps), *TINY],
-                         [*CPU_FLAGS, f"--output={out}"],
+    job = cluster.submit(SLURM_DIR / "pretrain_124m.sh", ["--steps", str(steps), *TINY],
+                         [*TWO_NODES, f"--output={out}"],
                          env={"CONFIG": "configs/tiny.yaml", "TP": "2", "DATA": str(data),
                               "RUN_DIR": str(run_dir), "PYTHON": sys.executable},
                          cwd=REPO)
@@ -104,17 +112,24 @@ STEPS = 20  # ~0.2-0.3 s a step here: long enough to interrupt a running job twi
 
 @pytest.fixture(scope="module")
 def tiny_run(cluster: SlurmCluster, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The uninterrupted reference job: tiny config, TP 2, one node, 2 CPU tasks, via pretrain_1p4b.sh."""
+    """The uninterrupted reference job: tiny config, TP 2, two nodes x 2 CPU tasks, via pretrain_124m.sh."""
     tmp = tmp_path_factory.mktemp("slurm-tiny")
     job, run_dir, out = _submit_tiny(cluster, tmp, data_dir, STEPS)
     info = cluster.wait_job(job, ["COMPLETED"], timeout=180, output=out)
-    return {"info": info, "run_dir": run_dir, "out": out}
+    return {"info": info, "run_dir": run_dir, "out": out, "job": job}
 
 
-def test_pretrain_1p4b_script_runs_tiny_config_at_tp2(tiny_run: dict) -> None:
+def test_pretrain_script_runs_on_two_nodes_with_two_tasks_each(cluster: SlurmCluster, tiny_run: dict) -> None:
     info, log = tiny_run["info"], tiny_run["out"].read_text()
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
-    assert "2 ranks (1 node(s) x 2, GPUs/node 0)" in log and "--tp 2" in log, log
+    assert info["NodeList"] == "tfd[1-2]" and info["NumNodes"] == "2", info
+    # the rendezvous is the first node's NodeAddr; each rank gets 2 CPUs / 2 tasks = 1 OMP thread
+    assert "4 ranks (2 node(s) x 2, GPUs/node 0), rendezvous 127.0.0.1:" in log and "--tp 2" in log, log
+    assert "1 CPU(s) and 1 OMP thread(s) per rank" in log, log
+    # Slurm's own records: each node's slurmd launched the trainer step (srun --ntasks-per-node=2; every
+    # rank checks at start-up that it runs on node rank // 2, see parallel.check_tp_within_node)
+    for node in ("tfd1", "tfd2"):
+        assert cluster.launched_step(node, f"{tiny_run['job']}.0"), cluster.log_tail()
     records = _check_finished(tiny_run["run_dir"], STEPS)
     assert records[-1]["loss"] < records[0]["loss"] - 1.0  # it trained
 
@@ -194,7 +209,8 @@ def test_progressive_submits_the_ladder_as_an_afterok_chain(cluster: SlurmCluste
     """All four OWT stages and the three expansions, submitted held (nothing runs): 7 jobs, each depending
     on the one before it with afterok, each stage with its run dir, config and INIT_FROM."""
     env = {"RUN_ROOT": str(tmp_path / "runs"), "SBATCH_ARGS": f"--hold --output={tmp_path}/%x-%j.out",
-           "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2"}  # this cluster has no GPUs
+           "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2",  # this cluster has no GPUs
+           "EXPAND_SBATCH_ARGS": "--cpus-per-task=2"}  # its nodes have 2 CPUs
     jobs = _progressive(cluster, env)
     order = ["124m", "expand->354m", "354m", "expand->757m", "757m", "expand->1p4b", "1p4b"]
     try:
@@ -211,9 +227,10 @@ def test_progressive_submits_the_ladder_as_an_afterok_chain(cluster: SlurmCluste
 
 def test_progressive_stage_expands_and_trains_from_the_previous_stage(cluster: SlurmCluster, data_dir: Path,
                                                                      tiny_run: dict, tmp_path: Path) -> None:
-    """One real step of the ladder on the tiny model: the finished tiny run plays stage 124m; the chain
-    runs the expand job (tools/expand_tokens.py: more tokens, exact init) and then stage 354m with
-    INIT_FROM, which starts from the trained weights (its first loss is far below a fresh model's)."""
+    """One real step of the ladder on the tiny model: the finished two-node tiny run plays stage 124m; the
+    chain runs the expand job (tools/expand_tokens.py: more tokens, exact init) and then stage 354m with
+    INIT_FROM on two nodes, which starts from the trained weights (its first loss is far below a fresh
+    model's)."""
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "owt_124m").symlink_to(tiny_run["run_dir"])
@@ -222,8 +239,9 @@ def test_progressive_stage_expands_and_trains_from_the_previous_stage(cluster: S
     (tmp_path / "grown.yaml").write_text(yaml.safe_dump(grown))
     env = {"RUN_ROOT": str(runs), "FROM_STAGE": "354m", "TO_STAGE": "354m",
            "CONFIG_354M": str(tmp_path / "grown.yaml"), "DATA": str(data_dir), "PYTHON": sys.executable,
-           "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2", "TIME": "30",
-           "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out", "EXPAND_ARGS": "--no-progress"}
+           "NODES": "2", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2", "TIME": "30",
+           "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out", "EXPAND_ARGS": "--no-progress",
+           "EXPAND_SBATCH_ARGS": "--cpus-per-task=2"}
     steps = 3
     jobs = _progressive(cluster, env, "--steps", str(steps), *TINY)
     assert list(jobs) == ["expand->354m", "354m"], jobs
@@ -233,6 +251,33 @@ def test_progressive_stage_expands_and_trains_from_the_previous_stage(cluster: S
     init = runs / "owt_354m.init"
     assert yaml.safe_load((init / "config.yaml").read_text())["model"]["qkv_tokens"] == 96
     assert f"--init-from {init}" in out.read_text()
+    assert "4 ranks (2 node(s) x 2, GPUs/node 0)" in out.read_text()
     records = _check_finished(runs / "owt_354m", steps)
     fresh_first = _metrics(tiny_run["run_dir"])[0]["loss"]
     assert records[0]["loss"] < fresh_first - 1.0, (records[0]["loss"], fresh_first)
+
+
+HOSTLISTS = ["node[01-04]", "a[1-2],b3", "gpu-[7-9,10-11]", "rack[1-2]-n[08-10]", "x1,y[001-002],z",
+             "tfd[1-2]"]
+
+
+def test_hostlist_expansion_matches_scontrol(cluster: SlurmCluster) -> None:
+    """tokenformer_dist.parallel.expand_hostlist (used where scontrol is absent) against Slurm's own
+    `scontrol show hostnames`, on the lists users' jobs get (zero padding, several groups, mixed)."""
+    for hostlist in HOSTLISTS:
+        real = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True,
+                              env=cluster.env, check=True, timeout=30).stdout.split()
+        assert expand_hostlist(hostlist) == real, hostlist
+    assert expand_hostlist("node[01-04]")[0] == "node01"
+
+
+def test_first_slurm_host_without_scontrol(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On a node without Slurm's client tools the trainer still finds the first host of `node[01-04]`
+    (the bug: it used to answer "node")."""
+    from tokenformer_dist.parallel import _first_slurm_host
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    for hostlist, first in (("node[01-04]", "node01"), ("a[1-2],b3", "a1"), ("gpu-[7-9]", "gpu-7"), ("x1", "x1")):
+        monkeypatch.setenv("SLURM_JOB_NODELIST", hostlist)
+        assert _first_slurm_host() == first, hostlist

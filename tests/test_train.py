@@ -11,13 +11,16 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+from tests.dist import REPO
 from tests.dist_scripts.train_helpers import (
     build_sample,
+    env,
     launch_runs,
     losses,
     metrics,
@@ -46,7 +49,21 @@ def runs(data, tmp_path_factory):
                                                                          "train.save_every": 3,
                                                                          "train.keep_last": 5})
            for z in (1, 2, 3)]
+    # bf16 (CPU): a twin of tp2_z1; a resumed constant-LR pair (3 steps, then on to 6 in the same dir) and
+    # its uninterrupted twin; ZeRO-3 (fp32 gradient partitions)
+    bf16 = {"parallel.dtype": "bf16"}
+    const = {**bf16, "train.warmup_frac": 0.0, "train.min_lr": 3e-3, "train.lr": 3e-3}
+    tp2 += [train_argv(data, root / "bf16_z1", STEPS, tp=2, zero=1, **{"train.grad_clip": CLIP, **bf16}),
+            train_argv(data, root / "bf16_z3", STEPS, tp=2, zero=3, **{"train.grad_clip": CLIP, **bf16}),
+            train_argv(data, root / "bf16_split", 3, tp=2, zero=1, **const),
+            train_argv(data, root / "bf16_split", STEPS, tp=2, zero=1, **const),
+            train_argv(data, root / "bf16_whole", STEPS, tp=2, zero=1, **const)]
     launch_runs(4, tp2)
+    # expansion of the bf16 run (its checkpoint keeps fp32 master weights), evaluated in bf16 below
+    expand = subprocess.run([sys.executable, "tools/expand_tokens.py", "--ckpt", str(root / "bf16_z1"), "--out",
+                             str(root / "bf16_grown"), "--tp", "2", "--grow", "2", "--no-progress"],
+                            capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert expand.returncode == 0, expand.stderr[-3000:]
     ref = train_argv(data, root / "tp1", STEPS, tp=1, zero=1,
                      **{"train.grad_clip": CLIP, "train.keep_last": 1})
     # DP change: the TP2×DP2 ZeRO-1 run's step-3 checkpoint resumed at TP2×DP1
@@ -59,7 +76,12 @@ def runs(data, tmp_path_factory):
                                                              "train.micro_batch_size": 8})
     init = train_argv(data, root / "init", 1, tp=2, zero=2, **{"train.lr": 1e-30, "train.min_lr": 0})
     init += ["--init-from", str(root / "tp2_z1")]
-    launch_runs(2, [ref, resume, init])
+    frozen = {"train.lr": 1e-30, "train.min_lr": 0, "parallel.dtype": "bf16", "train.eval_every": 1}
+    same = train_argv(data, root / "bf16_same", 1, tp=2, zero=1, **frozen) + ["--init-from", str(root / "bf16_z1")]
+    grown = train_argv(data, root / "bf16_grown_run", 1, tp=2, zero=1, **frozen)
+    grown[1] = str(root / "bf16_grown" / "config.yaml")
+    grown += ["--init-from", str(root / "bf16_grown")]
+    launch_runs(2, [ref, resume, init, same, grown])
     return root
 
 
@@ -195,3 +217,33 @@ def test_evaluate_cli_matches_trainer_validation(runs, data):
     bad = subprocess.run([*cmd[:1], "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "tp2_z1"),
                           "--data", str(data), "--tp", "1"], capture_output=True, text=True, env=env())
     assert bad.returncode == 2 and "tp=2" in bad.stderr and "--tp 1" in bad.stderr
+
+
+def test_bf16_trains_and_tracks_fp32(runs):
+    """bf16 (fp32 master weights, fp32 gradient reduction and accumulation) against the fp32 twin run."""
+    for name in ("bf16_z1", "bf16_z3"):
+        ref = [r for r in metrics(runs / "tp2_z1") if "loss" in r]
+        got = [r for r in metrics(runs / name) if "loss" in r]
+        assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+        for a, b in zip(got, ref, strict=True):
+            assert rel(a["loss"], b["loss"]) <= 2e-2, (name, a["step"], a["loss"], b["loss"])
+        assert got[-1]["loss"] < got[0]["loss"]
+        val = [r["val_loss"] for r in metrics(runs / name) if "val_loss" in r][-1]
+        ref_val = [r["val_loss"] for r in metrics(runs / "tp2_z1") if "val_loss" in r][-1]
+        assert rel(val, ref_val) <= 2e-2, (name, val, ref_val)
+        assert ckpt_lib.read_meta(ckpt_lib.resolve_checkpoint(runs / name))["dtype"] == "bf16"
+
+
+def test_bf16_resume_is_bit_identical(runs):
+    got, ref = losses(runs / "bf16_split"), losses(runs / "bf16_whole")
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
+    assert got == ref
+
+
+def test_expansion_of_a_bf16_run_is_lossless_in_bf16(runs):
+    same = [r["val_loss"] for r in metrics(runs / "bf16_same") if "val_loss" in r]
+    grown = [r["val_loss"] for r in metrics(runs / "bf16_grown_run") if "val_loss" in r]
+    assert same and grown
+    assert ckpt_lib.read_config(runs / "bf16_grown_run").model.qkv_tokens > ckpt_lib.read_config(
+        runs / "bf16_same").model.qkv_tokens
+    assert rel(grown[0], same[0]) <= 1e-2, (grown[0], same[0])  # bf16 has ~3 significant digits

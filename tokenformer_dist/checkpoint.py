@@ -3,7 +3,7 @@
     RUN/checkpoints/<tag>/            tag = step_00000100
         mp_rank_XX_model_states.pt, *_optim_states.pt   DeepSpeed (module, ZeRO partitions, client state)
         model_tp{r:02d}.safetensors   fp32 MASTER weights of TP rank r (any ZeRO stage), tau buffers included
-        rng_rank{g:04d}.safetensors   torch RNG state of global rank g
+        rng_rank{g:04d}.safetensors   RNG states of global rank g (CPU; CUDA + megatron tracker on GPU)
         config.yaml                   resolved config
         meta.json                     step, tp, dp, zero_stage, tokens, loader state; written last
         universal/                    (made on demand) DeepSpeed universal checkpoint, for a new DP size
@@ -26,24 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tokenformer_dist import comm
+from tokenformer_dist.atomic import atomic_path, atomic_write_text
 from tokenformer_dist.config import Config, load_config
-from tokenformer_dist.weights import (
-    CONFIG,
-    atomic_write_text,
-    is_tp_sharded,
-    is_weights_dir,
-    rank_file,
-    read_manifest,
-    write_rank_file,
-)
+from tokenformer_dist.sharding import is_tp_sharded, join_parts, universal_checkpoint_info
+from tokenformer_dist.weights import CONFIG, META, checkpoint_tp, is_weights_dir, rank_file
 
 LATEST = "latest"
-META = "meta.json"
 UNIVERSAL = "universal"
 
 
@@ -86,16 +79,11 @@ def read_config(ckpt_dir: str | Path) -> Config:
     return load_config(resolve_checkpoint(ckpt_dir) / CONFIG)
 
 
-def checkpoint_tp(ckpt_dir: str | Path) -> int:
-    d = Path(ckpt_dir)
-    return int(read_manifest(d)["tp"]) if is_weights_dir(d) else int(read_meta(d)["tp"])
-
-
 def iter_weight_blocks(ckpt_dir: str | Path) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(name, row blocks) of every weight of a checkpoint or weights dir, one tensor at a time.
 
-    A TP-sharded tensor comes as its per-rank blocks in rank order (concatenated along dim 0 they are the
-    full tensor); a replicated one (and a tau buffer) as [rank 0's copy]. Blocks are read from memory-mapped
+    A TP-sharded tensor comes as its per-rank blocks in rank order (`sharding.join_parts` makes them the full
+    tensor); a replicated one (and a tau buffer) as [rank 0's copy]. Blocks are read from memory-mapped
     safetensors files, so memory is bounded by one tensor. Names come in a fixed (sorted) order.
     """
     d = resolve_checkpoint(ckpt_dir)
@@ -112,18 +100,7 @@ def iter_weight_blocks(ckpt_dir: str | Path) -> Iterator[tuple[str, list[torch.T
 def iter_full_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (unsharded) fp32 tensors by state_dict name, one at a time (see `iter_weight_blocks`)."""
     for name, blocks in iter_weight_blocks(ckpt_dir):
-        yield name, (torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]).float()
-
-
-def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
-    """What deepspeed.checkpoint.ds_to_universal needs to merge TP slices (cat along dim 0 by default)."""
-    return {
-        "universal_checkpoint_version": 0.2,
-        "tp_replicated_parameter_patterns": [r"final_norm\.weight$", r"final_norm\.bias$"],
-        "vocabulary_parameter_patterns": [r"embedding\.weight$"],
-        "original_vocab_size": vocab_size,
-        "padded_vocab_size": vocab_size,
-    }
+        yield name, join_parts(name, blocks).float()
 
 
 def _full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
@@ -135,8 +112,29 @@ def _full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """torch's CPU generator; on GPU also this device's generator and megatron's CUDA RNG tracker states."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state.update({f"tracker.{name}": t.cpu() for name, t in get_cuda_rng_tracker().get_states().items()})
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(state["cuda"])
+        tracker = {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")}
+        if tracker:
+            get_cuda_rng_tracker().set_states(tracker)
 
 
 def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, info: Any,
@@ -161,8 +159,9 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
     tensors.update({name: b.detach().float() for name, b in module.named_buffers()})
     ordered = {name: tensors[name] for name in module.state_dict()}
     if info.dp_rank == 0:
-        write_rank_file(partial, info.tp_rank, ordered)
-    save_file({"cpu": torch.get_rng_state()}, str(partial / f"rng_rank{info.rank:04d}.safetensors"))
+        with atomic_path(rank_file(partial, info.tp_rank)) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in ordered.items()}, str(tmp))
+    save_file(rng_state(), str(partial / f"rng_rank{info.rank:04d}.safetensors"))
     _fault_point("save", step, info.rank)
     _barrier()
     if info.is_main:
@@ -221,7 +220,7 @@ def load_rng(ckpt_dir: Path, rank: int) -> bool:
     f = ckpt_dir / f"rng_rank{rank:04d}.safetensors"
     if not f.is_file():
         return False
-    torch.set_rng_state(load_file(str(f))["cpu"])
+    set_rng_state(load_file(str(f)))
     return True
 
 

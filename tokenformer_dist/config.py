@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 
 NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+PATTENTION_IMPLS = ("lean", "reference")  # two implementations of the same function (model/pattention.py)
 DTYPES = ("auto", "fp32", "bf16")
+REDUCE_DTYPES = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     init_std: float = 0.02  # key tokens and embedding; value tokens use 2 / (n_layers * sqrt(d_model))
     ln_eps: float = 1e-5
+    pattention_impl: str = "lean"  # lean (keeps one [tokens, n] tensor for backward) | reference (plain autograd)
 
 
 @dataclass
@@ -47,6 +50,19 @@ class ParallelConfig:
     zero_stage: int = 1
     activation_checkpointing: bool = False
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    # bf16 runs: dtype of the DP gradient reduction (and of the accumulation where DeepSpeed honours it,
+    # ZeRO 1 and 3; see docs/training.md, "bf16")
+    grad_reduce_dtype: str = "fp32"
+    # ZeRO communication (GPU; DeepSpeed's CPU accelerator has no second stream to overlap with). Buckets in
+    # elements: 5e7 = 200 MB of fp32 per bucket, large enough to reach NCCL's bus bandwidth on 8-GPU NVLink
+    # nodes and small enough that overlap_comm's ~4.5 buckets of buffers stay ~1 GB.
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    # bounds every collective, including the other ranks' wait while rank 0 converts a checkpoint to
+    # DeepSpeed's universal format (minutes at 1.4B parameters)
+    dist_timeout_minutes: float = 60.0
 
 
 @dataclass
@@ -68,12 +84,16 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     seed: int = 1234
+    # ranks agree on a preemption signal every this many steps (one host sync each time): a SIGTERM/SIGUSR1
+    # is acted on after at most this many further steps
+    preempt_check_every: int = 10
 
 
 @dataclass
 class DataConfig:
     path: str = "data/sample"
     seed: int = 1234
+    prefetch_batches: int = 4  # micro-batches read ahead by the loader's background thread (0: none)
 
 
 @dataclass
@@ -150,15 +170,26 @@ def validate(cfg: Config) -> Config:
         "train.steps": t.steps, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
         "train.eval_batches": t.eval_batches, "train.save_every": t.save_every, "train.keep_last": t.keep_last,
         "model.init_std": m.init_std, "model.ln_eps": m.ln_eps, "model.rotary_base": m.rotary_base,
-        "train.lr": t.lr,
+        "train.lr": t.lr, "train.preempt_check_every": t.preempt_check_every,
+        "parallel.reduce_bucket_size": p.reduce_bucket_size,
+        "parallel.allgather_bucket_size": p.allgather_bucket_size,
+        "parallel.dist_timeout_minutes": p.dist_timeout_minutes,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{src}: {key} must be > 0, got {value}")
     if m.norm not in NORMALIZATIONS:
         raise ConfigError(f"{src}: model.norm must be one of {', '.join(NORMALIZATIONS)}, got {m.norm!r}")
+    if m.pattention_impl not in PATTENTION_IMPLS:
+        raise ConfigError(f"{src}: model.pattention_impl must be one of {', '.join(PATTENTION_IMPLS)}, "
+                          f"got {m.pattention_impl!r}")
     if p.dtype not in DTYPES:
         raise ConfigError(f"{src}: parallel.dtype must be one of {', '.join(DTYPES)}, got {p.dtype!r}")
+    if p.grad_reduce_dtype not in REDUCE_DTYPES:
+        raise ConfigError(f"{src}: parallel.grad_reduce_dtype must be one of {', '.join(REDUCE_DTYPES)}, "
+                          f"got {p.grad_reduce_dtype!r}")
+    if cfg.data.prefetch_batches < 0:
+        raise ConfigError(f"{src}: data.prefetch_batches must be >= 0, got {cfg.data.prefetch_batches}")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{src}: parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if m.d_model % m.n_heads:

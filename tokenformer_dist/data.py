@@ -17,6 +17,8 @@ remaining (fewer than one round of) windows are skipped and the next epoch begin
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,19 +282,6 @@ class WindowLoader:
             self.samples_consumed += self.global_batch
             yield self._batch(idx)
 
-    def epoch_batches(self, max_batches: int | None = None) -> Iterator[torch.Tensor]:
-        """One pass over the split (for evaluation): this rank's share of each full round of epoch 0's
-        order (the identity with shuffle=False). The last partial round -- fewer than
-        micro_batch_size*dp_size windows -- is dropped. Does not touch the training position."""
-        rounds = self.n_windows // self.global_batch
-        if max_batches is not None:
-            rounds = min(rounds, max_batches)
-        for r in range(rounds):
-            yield self._batch(self._rank_slice(0, r * self.global_batch))
-
-    def batches_per_epoch(self) -> int:
-        return self.n_windows // self.global_batch
-
     # -- checkpoint --------------------------------------------------------------------------- #
     def state_dict(self) -> dict:
         return {
@@ -324,3 +313,106 @@ class WindowLoader:
         self.position = int(state["position"])
         self.samples_consumed = int(state.get("samples_consumed", 0))
         self._perm_cache = None
+
+
+class Prefetcher:
+    """Reads the next `depth` batches of a WindowLoader on a background thread, pinned when the device is a
+    GPU, and hands them over with a non-blocking host->device copy.
+
+    Why: window reads (memory-mapped pages, the int64 conversion) and the copy then overlap the previous
+    step instead of stalling it. The checkpoint must still record exactly what training consumed, so the
+    producer snapshots the loader's state with every batch and `state_dict()` returns the snapshot of the
+    last batch handed out: a resume continues with the first batch the trainer did not use, as without
+    prefetch. Build it after `loader.load_state_dict`; `depth` 0 reads on the calling thread.
+    """
+
+    def __init__(self, loader: WindowLoader, device: torch.device, depth: int) -> None:
+        self.loader, self.device, self.depth = loader, torch.device(device), depth
+        self._state = loader.state_dict()
+        self._it = iter(loader)
+        self._pin = self.device.type == "cuda"
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
+            self._thread.start()
+
+    def _read(self) -> tuple[torch.Tensor, dict]:
+        batch = next(self._it)
+        return (batch.pin_memory() if self._pin else batch), self.loader.state_dict()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._read()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put(e)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        item = self._queue.get() if self._thread is not None else self._read()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        """The loader state after the last batch returned by __next__ (not after what was read ahead)."""
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def check_vocab(data_vocab: int, model_vocab: int, data_dir: str | Path) -> None:
+    """A dataset whose token ids reach past the model's vocabulary is refused before training: at TP 1 such
+    an id asserts on the device, at TP > 1 megatron's embedding silently masks it to zero."""
+    if data_vocab > model_vocab:
+        raise DatasetError(f"{data_dir}: dataset vocab_size {data_vocab} (manifest.json) exceeds model.vocab_size "
+                           f"{model_vocab}; set model.vocab_size >= {data_vocab} (a multiple of parallel.tp)")
+
+
+def write_synthetic_dataset(out: str | Path, vocab_size: int, train_tokens: int, val_tokens: int,
+                            seed: int = 0) -> Path:
+    """A dataset in this module's format from a fixed random bigram chain (learnable: each token has 4
+    likely successors), without a tokenizer, Ray or zarr: for GPU acceptance runs on air-gapped nodes and
+    throughput benchmarks. One uncompressed chunk per split; doc_offsets mark one document per split."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    succ = rng.integers(0, vocab_size, size=(vocab_size, 4))
+    dtype = np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+    splits = {}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        toks = np.empty(n, dtype=np.int64)
+        toks[0] = 0
+        choice = rng.integers(0, 4, size=n)
+        for i in range(1, n):
+            toks[i] = succ[toks[i - 1], choice[i]]
+        for name, arr in (("tokens", toks.astype(dtype)), ("doc_offsets", np.array([0, n], dtype="<i8"))):
+            d = out / split / name
+            (d / "c").mkdir(parents=True, exist_ok=True)
+            arr.tofile(d / "c" / "0")
+            meta = {"shape": [len(arr)], "data_type": arr.dtype.name,
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [len(arr)]}},
+                    "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                    "fill_value": 0, "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                    "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
+            (d / "zarr.json").write_text(json.dumps(meta))
+        splits[split] = {"documents": 1, "tokens": n, "tokens_array": f"{split}/tokens",
+                         "doc_offsets_array": f"{split}/doc_offsets", "chunk_tokens": n}
+    (out / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    manifest = {"format": FORMAT, "format_version": 1, "vocab_size": vocab_size, "eod_id": 0,
+                "dtype": dtype.name, "splits": splits, "synthetic": {"seed": seed}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the dataset complete
+    return out

@@ -19,14 +19,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from tokenformer_dist.model import TokenFormer
-
-
-def _valid_batch(batch: int, n_heads: int, tp: int) -> int:
-    """Smallest batch >= `batch` whose (sequence, head) pairs split evenly over tp."""
-    while (batch * n_heads) % tp:
-        batch += 1
-    return batch
+from tokenformer_dist import comm
+from tokenformer_dist.model.attention import pair_batch_multiple
+from tokenformer_dist.model.tensor_parallel import build_parallel_model
 
 
 @torch.no_grad()
@@ -37,6 +32,7 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
     Windows are taken in file order, not shuffled; max_batches caps the GLOBAL number of windows at
     max_batches·micro_batch, so the result does not depend on the DP size. DP rank r evaluates windows
     r, r+dp, ...; TP ranks of one group evaluate the same windows. Returns loss, ppl, tokens.
+    Losses are summed on the device; the one host sync is the final read.
     """
     from tokenformer_dist.data import TokenShards
 
@@ -56,28 +52,30 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    multiple = pair_batch_multiple(n_heads, tp)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     bar = tqdm(range(n_batches), desc="eval", disable=not progress, leave=False)
     for b in bar:
         idx = mine[b * micro_batch:(b + 1) * micro_batch]
         real = len(idx)
-        size = _valid_batch(max(real, 1), n_heads, tp)
+        size = -(-max(real, 1) // multiple) * multiple  # padded to a size the attention partition accepts
         rows = [shards.window(i, seq_len) for i in idx]
         filler = shards.window(0, seq_len)
         rows += [filler] * (size - real)  # padding rows, weighted 0 below
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device, non_blocking=True)
         logits = model(batch[:, :-1])
-        losses = TokenFormer.token_losses(logits, batch[:, 1:])  # [size, s] fp32
+        losses = model.token_losses(logits, batch[:, 1:])  # [size, s] fp32
         if real:
-            loss_sum += losses[:real].double().sum().cpu()
+            loss_sum += losses[:real].double().sum()
             count += real * seq_len
     model.train(was_training)
-    totals = torch.stack([loss_sum, count])
+    totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
     if dist.is_initialized() and dp > 1:
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    loss = (totals[0] / totals[1]).item()
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(totals[1].item())}
+        totals = comm.all_reduce_sum(totals, group=parallel_state.get_data_parallel_group())
+    loss_total, tokens = totals.tolist()
+    loss = loss_total / tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = init_distributed(tp)
     try:
-        model = TokenFormer(cfg.model, seed=cfg.train.seed).to(info.device)
+        info = init_distributed(tp, cfg.parallel.dist_timeout_minutes, seed=cfg.train.seed)
+    except ValueError as e:  # e.g. GPUs given but no CUDA
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        model = build_parallel_model(cfg.model, parallel_state.get_tensor_model_parallel_group(),
+                                     init_weights=False, device=info.device)  # every weight is loaded next
         load_weights(model, ckpt)
         result = evaluate(model, args.data, cfg.model.seq_len, args.micro_batch or cfg.train.micro_batch_size,
                           args.batches, split=args.split, progress=info.is_main)

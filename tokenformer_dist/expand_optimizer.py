@@ -1,4 +1,5 @@
-"""`--keep-optimizer`: carry Adam moments and the step count through an expansion, as a universal checkpoint.
+"""Keeping optimizer state through growth (`keep_optimizer`): Adam moments and the step count carried
+through an expansion, as a universal checkpoint.
 
 The source checkpoint is converted with DeepSpeed's ds_to_universal (full, TP-merged fp32 weights and Adam
 moments per parameter), each tensor is grown — fp32 weights exactly as the weights are grown (same seed, so
@@ -18,17 +19,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
 from tokenformer_dist.checkpoint import LATEST, META, UNIVERSAL, convert_to_universal, read_meta, tag_for
 from tokenformer_dist.config import Config, ConfigError
+from tokenformer_dist.growth import Growth
 from tokenformer_dist.weights import CONFIG, rank_file
-
-if TYPE_CHECKING:
-    from tokenformer_dist.expand import Growth
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -46,13 +44,13 @@ def _grown(growth: Growth, name: str, tensor: torch.Tensor, zeros: bool) -> torc
 def check_source(src_dir: Path) -> dict:
     """The source checkpoint's meta, or a one-line error when its optimizer state cannot be carried."""
     if not (src_dir / META).is_file():
-        raise ConfigError(f"--keep-optimizer: {src_dir} is not a trainer checkpoint (no {META}); optimizer state "
-                          f"exists only in checkpoints written by tokenformer_dist.train")
+        raise ConfigError(f"keeping optimizer state: {src_dir} is not a trainer checkpoint (no {META}); optimizer "
+                          f"state exists only in checkpoints written by tokenformer_dist.train")
     meta = read_meta(src_dir)
     if int(meta.get("zero_stage", 0)) == 3:
-        raise ConfigError(f"--keep-optimizer: {src_dir} was written with ZeRO-3, whose optimizer state DeepSpeed "
-                          f"0.19.8's universal checkpoint cannot carry into another layout; expand without "
-                          f"--keep-optimizer (weights from any ZeRO stage), or keep optimizer state from ZeRO 1/2")
+        raise ConfigError(f"keeping optimizer state: {src_dir} was written with ZeRO-3, whose optimizer state "
+                          f"DeepSpeed 0.19.8's universal checkpoint cannot carry into another layout; expand the "
+                          f"weights only (any ZeRO stage), or keep optimizer state from ZeRO 1/2 checkpoints")
     return meta
 
 

@@ -1,20 +1,52 @@
-"""The sharding rules, in one place: which tensors are split over tensor-parallel ranks, and how.
+"""The sharding table: which state_dict tensors are split over tensor-parallel ranks, on which dim, and how.
 
-Sharded tensors are split along dim 0 into contiguous, equal blocks: vocabulary rows of `embedding.weight`
-and parameter-token rows of every `key_tokens` / `value_tokens`. Everything else (final LayerNorm, the τ
-buffers) is replicated. Kept free of megatron-core so that light tools import it quickly.
+    name pattern                      dim   kind
+    embedding.weight                  0     vocab     vocabulary rows (the output layer is tied to it)
+    *.key_tokens, *.value_tokens      0     tokens    parameter-token rows of every Pattention
+    anything else                     -     replicated (final LayerNorm, the τ buffers)
+
+A sharded tensor is split along its dim into contiguous, equal blocks: rank r owns [r·n/tp, (r+1)·n/tp).
+Every consumer reads this table — the model's TP attributes and master init (model/tensor_parallel.py,
+model/tokenformer.py), the weights format and checkpoint reader (weights.py, checkpoint.py), DeepSpeed's
+universal-checkpoint patterns, growth and resharding (expand.py, expand_optimizer.py). Kept free of
+megatron-core so that light tools import it quickly.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Any
 
-_SHARDED = re.compile(r"^(embedding\.weight|.*\.key_tokens|.*\.value_tokens)$")
+import torch
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    pattern: str  # regular expression, matched against the whole state_dict name
+    dim: int | None  # the dim split over TP ranks; None: replicated on every rank
+    kind: str  # "vocab" | "tokens" | "replicated"
+
+
+RULES: tuple[ShardRule, ...] = (
+    ShardRule(r"embedding\.weight", 0, "vocab"),
+    ShardRule(r".*\.(?:key_tokens|value_tokens)", 0, "tokens"),
+)
+REPLICATED = ShardRule(r".*", None, "replicated")
+_COMPILED = tuple((re.compile(rule.pattern), rule) for rule in RULES)
+
+
+def rule_for(name: str) -> ShardRule:
+    """The table's rule for state_dict tensor `name` (REPLICATED when no sharded pattern matches)."""
+    for regex, rule in _COMPILED:
+        if regex.fullmatch(name):
+            return rule
+    return REPLICATED
 
 
 def is_tp_sharded(name: str) -> bool:
-    """Whether state_dict tensor `name` is split over TP ranks (along dim 0)."""
-    return bool(_SHARDED.match(name))
+    """Whether state_dict tensor `name` is split over TP ranks (along `rule_for(name).dim`)."""
+    return rule_for(name).dim is not None
 
 
 def shard_range(n: int, rank: int, size: int) -> slice:
@@ -23,3 +55,52 @@ def shard_range(n: int, rank: int, size: int) -> slice:
         raise ValueError(f"{n} rows cannot be split evenly over {size} tensor-parallel ranks")
     per = n // size
     return slice(rank * per, (rank + 1) * per)
+
+
+def local_part(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s part of the full tensor `name` (a view; the whole tensor when replicated)."""
+    dim = rule_for(name).dim
+    if dim is None:
+        return full
+    if full.shape[dim] % size:
+        raise ValueError(f"{name}: {full.shape[dim]} rows cannot be split over tp={size}")
+    return full.narrow(dim, shard_range(full.shape[dim], rank, size).start, full.shape[dim] // size)
+
+
+def local_shape(name: str, full_shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """The shape of one rank's part of tensor `name` whose full shape is `full_shape`."""
+    dim = rule_for(name).dim
+    if dim is None:
+        return tuple(full_shape)
+    if full_shape[dim] % size:
+        raise ValueError(f"{name}: {full_shape[dim]} rows cannot be split over tp={size}")
+    return tuple(n // size if i == dim else n for i, n in enumerate(full_shape))
+
+
+def full_shape(name: str, part_shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """The full shape of tensor `name` from one rank's part of it."""
+    dim = rule_for(name).dim
+    return tuple(part_shape) if dim is None else tuple(n * size if i == dim else n for i, n in enumerate(part_shape))
+
+
+def join_parts(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The full tensor from every rank's part in rank order (a replicated tensor: rank 0's copy)."""
+    dim = rule_for(name).dim
+    return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
+    """What deepspeed.checkpoint.ds_to_universal needs to merge TP slices, derived from the table.
+
+    DeepSpeed concatenates a slice along dim 0 unless a pattern says otherwise, which is every sharded
+    rule's dim; "replicated" is every name that no sharded rule matches; the vocabulary rule is named.
+    """
+    assert all(rule.dim == 0 for rule in RULES), "ds_to_universal merges TP slices along dim 0 only"
+    sharded = "|".join(rule.pattern for rule in RULES)
+    return {
+        "universal_checkpoint_version": 0.2,
+        "tp_replicated_parameter_patterns": [rf"^(?!(?:{sharded})$).*$"],
+        "vocabulary_parameter_patterns": [rf"^{rule.pattern}$" for rule in RULES if rule.kind == "vocab"],
+        "original_vocab_size": vocab_size,
+        "padded_vocab_size": vocab_size,
+    }

@@ -17,8 +17,9 @@ from megatron.core import parallel_state
 
 from tokenformer_dist.checkpoint import checkpoint_tp, read_config, resolve_checkpoint
 from tokenformer_dist.evaluate import evaluate
-from tokenformer_dist.expand import expand_checkpoint, token_kind, with_counts
-from tokenformer_dist.model import TokenFormer
+from tokenformer_dist.expand import expand_checkpoint
+from tokenformer_dist.growth import token_kind, with_counts
+from tokenformer_dist.model import TokenFormer, parallelize
 from tokenformer_dist.parallel import destroy_distributed, init_distributed
 from tokenformer_dist.weights import load_weights
 
@@ -38,13 +39,14 @@ def load(path: str) -> TokenFormer:
     path = str(resolve_checkpoint(path))
     regroup(checkpoint_tp(path))
     model = TokenFormer(read_config(path).model, seed=999)  # a different init: everything must be loaded
+    model = parallelize(model, parallel_state.get_tensor_model_parallel_group())
     load_weights(model, path)
     return model
 
 
 def function_of(model: TokenFormer) -> dict:
     with torch.no_grad():
-        logits = TokenFormer.gather_logits(model(tokens[:, :-1]))
+        logits = model.gather_logits(model(tokens[:, :-1]))
     return {"logits": logits, "val": evaluate(model, data, 64, 4, max_batches=4)["loss"]}
 
 

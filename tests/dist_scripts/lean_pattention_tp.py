@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from tests.dist import TINY_MODEL
 from tokenformer_dist.config import ModelConfig
-from tokenformer_dist.model import TokenFormer
+from tokenformer_dist.model import TokenFormer, parallelize
 from tokenformer_dist.model.lean import lean_pattention
 from tokenformer_dist.model.pattention import reference_pattention, set_impl
 from tokenformer_dist.parallel import destroy_distributed, init_distributed
@@ -77,15 +78,14 @@ for norm in NORMS:
         results[f"layer/{tag}/zero_rows_ok"] = float(zero_rows_ok)
 
 # ---- model level: a tiny TokenFormer at TP 2 ----
-cfg = ModelConfig(vocab_size=256, d_model=48, n_layers=2, n_heads=6, seq_len=16, qkv_tokens=32,
-                  proj_tokens=32, ffn_tokens=64)
+cfg = ModelConfig(**TINY_MODEL)
 tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1), generator=torch.Generator().manual_seed(5))
 for norm in NORMS:
     cfg.norm = norm
     cfg.init_std = 0.15 if norm == "softmax" else 0.02  # see tp_invariance.py: keeps softmax grads non-tiny
     grads = {}
     for impl, ckpt in (("reference", False), ("lean", False), ("lean", True)):
-        model = TokenFormer(cfg, seed=11, activation_checkpointing=ckpt)
+        model = parallelize(TokenFormer(cfg, seed=11, activation_checkpointing=ckpt), group)
         set_impl(model, impl)
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()

@@ -1,10 +1,11 @@
-"""The TokenFormer model. Submodules are imported lazily, so that light tools (the expansion tool's
-init math) do not pay for importing megatron-core."""
+"""The TokenFormer model: plain torch modules (pattention, lean, attention, tokenformer — no megatron-core)
+and the tensor-parallel step (`tensor_parallel.parallelize`, the one module that imports megatron-core). Submodules are
+imported lazily, so that light tools (the expansion tool's init math) pay only for what they use."""
 
 from typing import Any
 
-_EXPORTS = {"Pattention": "pattention", "ShardedPattention": "pattention", "pattention": "pattention",
-            "TokenFormer": "tokenformer"}
+_EXPORTS = {"Pattention": "pattention", "pattention": "pattention", "TokenFormer": "tokenformer",
+            "parallelize": "tensor_parallel"}
 __all__ = list(_EXPORTS)
 
 

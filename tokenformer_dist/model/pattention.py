@@ -1,34 +1,31 @@
-"""Pattention: token-parameter attention, Θ(X·Kᵀ)·V, single-device and tensor-parallel.
+"""Pattention: token-parameter attention, Θ(X·Kᵀ)·V — one function, one module, single-device or TP.
 
-The math lives in `pattention()`; `Pattention` (one device) and `ShardedPattention` (parameter tokens
-sharded over tensor-parallel ranks) both call it. With TP the only extra communication inside the math is
-one all-reduce of a [tokens, 1] fp32 tensor: Θ normalizes over all n parameter tokens, not the local n/tp.
+The math lives in `pattention()`; every path calls it. `Pattention` is a plain torch module: built alone it
+runs on one device with no process group. `model.tensor_parallel.parallelize()` later gives it a TP group and
+keeps only this rank's parameter-token rows; the only extra communication inside the math is then one
+all-reduce of a [tokens, 1] fp32 tensor: Θ normalizes over all n parameter tokens, not the local n/tp.
 
-Two implementations of the same function (`impl`):
-  "lean"      (default for training) — `lean.lean_pattention`, a torch.autograd.Function that keeps one
-              [tokens, n] tensor for backward and recomputes the elementwise parts;
+Two implementations of the same function (`impl`, from the config field `model.pattention_impl`):
+  "lean"      (default) — `lean.lean_pattention`, a torch.autograd.Function that keeps one [tokens, n]
+              tensor for backward and recomputes the elementwise parts;
   "reference" — `reference_pattention`, plain autograd through `normalize_scores`: the readable math and
               what the tests compare the lean path against.
-A module takes `impl=` at construction (None: the process default, from `set_default_impl()` or the
-environment variable TOKENFORMER_PATTENTION_IMPL, else "lean"); `set_impl(model, impl)` switches a built
-model. The choice is independent of ModelConfig.
+A module takes `impl=` at construction; `set_impl(model, impl)` switches a built model.
+
+Nothing here imports megatron-core.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from tokenformer_dist.model.init import master_normal
+from tokenformer_dist.config import PATTENTION_IMPLS
 from tokenformer_dist.model.lean import inverse_norm, lean_pattention
 from tokenformer_dist.model.mappings import all_reduce_max_no_grad, all_reduce_sum_both_ways
-from tokenformer_dist.sharding import shard_range
 
 
 def normalize_scores(scores: torch.Tensor, tau: float | torch.Tensor, norm: str,
@@ -56,36 +53,17 @@ def normalize_scores(scores: torch.Tensor, tau: float | torch.Tensor, norm: str,
     raise ValueError(f"unknown Pattention normalization {norm!r}; valid: l2_norm_gelu, gelu_l2_norm, softmax")
 
 
-IMPLS = ("lean", "reference")
-IMPL_ENV = "TOKENFORMER_PATTENTION_IMPL"
-_default_impl: str | None = None  # set_default_impl() override; None: environment, else "lean"
-
-
-def check_impl(impl: str, source: str = "impl") -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"{source}: unknown Pattention implementation {impl!r}; valid: {', '.join(IMPLS)}")
+def check_impl(impl: str) -> str:
+    if impl not in PATTENTION_IMPLS:
+        raise ValueError(f"unknown Pattention implementation {impl!r}; valid: {', '.join(PATTENTION_IMPLS)}")
     return impl
-
-
-def get_default_impl() -> str:
-    if _default_impl is not None:
-        return _default_impl
-    return check_impl(os.environ.get(IMPL_ENV, "lean"), f"environment variable {IMPL_ENV}")
-
-
-def set_default_impl(impl: str | None) -> str | None:
-    """Set the implementation that modules built from now on use (None: back to the environment/"lean").
-    Returns the previous override."""
-    global _default_impl
-    previous, _default_impl = _default_impl, (None if impl is None else check_impl(impl))
-    return previous
 
 
 def set_impl(module: torch.nn.Module, impl: str) -> None:
     """Switch every Pattention inside `module` (a built model) to `impl`."""
     check_impl(impl)
     for m in module.modules():
-        if isinstance(m, _PattentionBase):
+        if isinstance(m, Pattention):
             m.impl = impl
 
 
@@ -98,29 +76,44 @@ def reference_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 def pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float | torch.Tensor,
                norm: str = "l2_norm_gelu", group: dist.ProcessGroup | None = None,
-               impl: str | None = None) -> torch.Tensor:
+               impl: str = "lean") -> torch.Tensor:
     """Θ(x·Kᵀ)·V. With `group`, keys/values are this rank's rows and the result is this rank's partial sum
     (the caller reduces it: all-reduce, or reduce-scatter onto attention partitions).
-    `impl`: "lean" or "reference" (None: `get_default_impl()`); both compute the same function."""
-    if check_impl(impl or get_default_impl()) == "lean":
+    `impl`: "lean" or "reference"; both compute the same function."""
+    if check_impl(impl) == "lean":
         return lean_pattention(x, keys, values, tau, norm, group)
     return reference_pattention(x, keys, values, tau, norm, group)
 
 
-class _PattentionBase(torch.nn.Module):
-    """Shared parameters and τ handling; τ is a buffer kept in fp32 whatever the module's dtype."""
+class Pattention(torch.nn.Module):
+    """Key tokens [n, d_in], value tokens [n, d_out], no bias; τ a buffer kept in fp32 whatever the dtype.
+
+    Sharded axis under TP (after `parallelize`): the parameter-token axis n (dim 0 of key_tokens and
+    value_tokens, as `sharding.RULES` says); rank r owns the contiguous rows [r·n/tp, (r+1)·n/tp), K acting
+    column-parallel and V row-parallel (as Megatron's MLP). Input x replicated over the TP group; output this
+    rank's PARTIAL sum over its tokens, which the caller reduces. Single device: `tp_group` None, all n rows.
+    """
 
     tau: torch.Tensor
 
-    def __init__(self, d_in: int, d_out: int, n_tokens: int, n_local: int, norm: str,
-                 tau: float | None, impl: str | None = None) -> None:
+    def __init__(self, d_in: int, d_out: int, n_tokens: int, norm: str = "l2_norm_gelu",
+                 tau: float | None = None, impl: str = "lean") -> None:
         super().__init__()
         self.d_in, self.d_out, self.n_tokens, self.norm = d_in, d_out, n_tokens, norm
-        self.impl = check_impl(impl) if impl is not None else get_default_impl()  # fixed at construction
-        self.key_tokens = torch.nn.Parameter(torch.zeros(n_local, d_in))
-        self.value_tokens = torch.nn.Parameter(torch.zeros(n_local, d_out))
-        self.register_buffer("tau", torch.tensor(math.sqrt(n_tokens) if tau is None else tau,
-                                                 dtype=torch.float32))
+        self.impl = check_impl(impl)
+        self.tp_group: dist.ProcessGroup | None = None  # set by parallelize(); None: one device
+        self.key_tokens = torch.nn.Parameter(torch.zeros(n_tokens, d_in))
+        self.value_tokens = torch.nn.Parameter(torch.zeros(n_tokens, d_out))
+        self.initial_tau = math.sqrt(n_tokens) if tau is None else float(tau)  # √n of the layer as built
+        self.register_buffer("tau", torch.tensor(self.initial_tau, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, self.tp_group, self.impl)
+
+    @torch.no_grad()
+    def reset_tau(self) -> None:
+        """τ back to its value at construction (after `to_empty`; a checkpoint's τ is loaded over it)."""
+        self.tau.fill_(self.initial_tau)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -131,48 +124,3 @@ class _PattentionBase(torch.nn.Module):
         return (f"d_in={self.d_in}, d_out={self.d_out}, n_tokens={self.n_tokens}, "
                 f"n_local={self.key_tokens.shape[0]}, norm={self.norm}, tau={float(self.tau):.4f}, "
                 f"impl={self.impl}")
-
-
-class Pattention(_PattentionBase):
-    """Single-device Pattention: key tokens [n, d_in], value tokens [n, d_out], no bias."""
-
-    def __init__(self, d_in: int, d_out: int, n_tokens: int, norm: str = "l2_norm_gelu",
-                 tau: float | None = None, impl: str | None = None) -> None:
-        super().__init__(d_in, d_out, n_tokens, n_tokens, norm, tau, impl)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, impl=self.impl)
-
-
-class ShardedPattention(_PattentionBase):
-    """Tensor-parallel Pattention. Sharded axis: the parameter-token axis n (dim 0 of key_tokens and
-    value_tokens); rank r owns the contiguous rows [r·n/tp, (r+1)·n/tp). K acts column-parallel, V
-    row-parallel (as Megatron's MLP).
-
-    Input: x replicated over the TP group (the caller marks it with copy_to_tensor_model_parallel_region
-    or an equivalent gather). Output: this rank's PARTIAL sum over its tokens; the caller reduces it
-    (reduce_from_tensor_model_parallel_region, or reduce-scatter onto attention partitions).
-    """
-
-    def __init__(self, d_in: int, d_out: int, n_tokens: int, norm: str = "l2_norm_gelu",
-                 tau: float | None = None, impl: str | None = None) -> None:
-        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        if n_tokens % self.tp_size:
-            raise ValueError(f"{n_tokens} parameter tokens cannot be sharded over tp={self.tp_size}")
-        super().__init__(d_in, d_out, n_tokens, n_tokens // self.tp_size, norm, tau, impl)
-        for p in (self.key_tokens, self.value_tokens):
-            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None
-        return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, group, self.impl)
-
-    @torch.no_grad()
-    def init_master(self, name: str, key_std: float, value_std: float, seed: int) -> None:
-        """Copy this rank's rows of the deterministic full-size initialization (TP-independent)."""
-        rows = shard_range(self.n_tokens, self.tp_rank, self.tp_size)
-        for param, suffix, std, width in ((self.key_tokens, "key_tokens", key_std, self.d_in),
-                                          (self.value_tokens, "value_tokens", value_std, self.d_out)):
-            full = master_normal(f"{name}.{suffix}", (self.n_tokens, width), std, seed)
-            param.copy_(full[rows])

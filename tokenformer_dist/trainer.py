@@ -1,0 +1,247 @@
+"""The training loop: set-up (engine, resume), the step, logging, validation, checkpoints, preemption.
+
+`train(args, cfg)` is what `python -m tokenformer_dist.train` runs (tokenformer_dist/train.py is its CLI).
+Host syncs: none inside a step; the logged loss is read on logging steps, the preemption flag every
+`train.preempt_check_every` steps, validation and checkpoints at their own intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from tokenformer_dist import checkpoint as ckpt_lib
+from tokenformer_dist import comm
+from tokenformer_dist.allocator import tune_cpu_allocator
+from tokenformer_dist.config import Config, ConfigError
+from tokenformer_dist.ds_config import deepspeed_config
+from tokenformer_dist.metrics import MetricsWriter, flops_per_token, peak_flops
+from tokenformer_dist.optim import build_optimizer
+from tokenformer_dist.parallel import DistInfo
+from tokenformer_dist.preemption import EXIT_PREEMPTED, Preemption
+from tokenformer_dist.schedule import lr_at
+
+
+def train_step(engine: Any, batches: Iterator[torch.Tensor], lr: float, grad_accum: int) -> torch.Tensor:
+    """One optimizer step of `grad_accum` micro-batches (each [b, s+1] tokens, already on the device) at
+    learning rate `lr`. Returns the sum of the micro-batch losses, detached, fp32, ON THE DEVICE: reading it
+    is a host sync, left to the caller's logging steps."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = None
+    for _ in range(grad_accum):
+        batch = next(batches)
+        loss = engine(batch[:, :-1], batch[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+    return loss_sum
+
+
+@dataclass
+class Resume:
+    """What the run directory says about where to start (decided before the engine exists)."""
+
+    ckpt_dir: Path | None
+    meta: dict[str, Any] | None
+    universal: bool
+
+
+def find_resume(run_dir: Path, info: DistInfo) -> Resume:
+    tag = ckpt_lib.latest_tag(run_dir)
+    ckpt_dir = ckpt_lib.checkpoints_dir(run_dir) / tag if tag else None
+    meta = ckpt_lib.read_meta(ckpt_dir) if ckpt_dir else None
+    if meta and meta["tp"] != info.tp_size:
+        raise ConfigError(f"{ckpt_dir}: checkpoint is at tp={meta['tp']}, this run uses tp={info.tp_size}; "
+                          f"resume at --tp {meta['tp']}")
+    return Resume(ckpt_dir, meta, bool(meta) and meta["dp"] != info.dp_size)
+
+
+def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_from: str | None) -> Any:
+    """TokenFormer inside a DeepSpeed engine. The random master init is drawn only for a fresh run: with
+    a checkpoint or --init-from, every weight is overwritten anyway."""
+    import deepspeed
+
+    from tokenformer_dist.model.tensor_parallel import build_parallel_model
+    from tokenformer_dist.parallel import DeepSpeedMPU
+    from tokenformer_dist.weights import load_weights
+
+    on_gpu = info.device.type == "cuda"
+    fresh = resume.meta is None and not init_from
+    # built on the meta device: only this rank's shards are ever allocated
+    model = build_parallel_model(cfg.model, parallel_state.get_tensor_model_parallel_group(), seed=cfg.train.seed,
+                                 activation_checkpointing=cfg.parallel.activation_checkpointing, init_weights=fresh,
+                                 device=info.device)
+    if init_from and not resume.meta:
+        load_weights(model, ckpt_lib.resolve_checkpoint(init_from))
+    optimizer = build_optimizer(model, cfg, fused=on_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
+                                      config=deepspeed_config(cfg, info.dp_size, bf16, resume.universal, on_gpu))
+    return engine
+
+
+def load_resume(engine: Any, resume: Resume, info: DistInfo, loader: Any) -> tuple[int, int]:
+    """Engine, buffers, RNG and loader state from the checkpoint; returns (step, tokens seen)."""
+    meta, ckpt_dir = resume.meta, resume.ckpt_dir
+    assert meta is not None and ckpt_dir is not None
+    load_dir = ckpt_lib.ensure_universal(ckpt_dir, info) if resume.universal else ckpt_dir
+    engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    ckpt_lib.restore_buffers(engine.module, ckpt_dir, info.tp_rank)
+    if meta["world_size"] == info.world_size:
+        ckpt_lib.load_rng(ckpt_dir, info.rank)
+    loader.load_state_dict(meta["loader"])
+    if info.is_main:
+        print(f"resumed from {ckpt_dir} at step {meta['step']} (saved at dp={meta['dp']}, now dp={info.dp_size}"
+              f"{', via universal checkpoint' if resume.universal else ''})", flush=True)
+    return meta["step"], meta["tokens"]
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS of this rank (KiB on Linux)
+
+
+def fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+class Reporter:
+    """Logging-step records (metrics.jsonl, TensorBoard, one stdout line) on rank 0; throughput since the
+    previous logging step."""
+
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, step: int, tokens_per_step: int) -> None:
+        self.cfg, self.info, self.tokens_per_step = cfg, info, tokens_per_step
+        self.flops_tok = flops_per_token(cfg.model)
+        self.peak = peak_flops(info.device)
+        self.writer = MetricsWriter(run_dir, resume_step=step) if info.is_main else None
+        self.bar = tqdm(total=cfg.train.steps, initial=step, desc="train",
+                        disable=not (info.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        self.start_step, self.t_start = step, time.perf_counter()
+        self.step_last, self.t_last = step, self.t_start
+
+    def say(self, line: str) -> None:
+        if self.bar.disable:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)
+
+    def train_record(self, step: int, tokens: int, loss_sum: torch.Tensor, lr: float, engine: Any) -> None:
+        """Collective over the DP group (the loss all-reduce); reads the loss: a host sync."""
+        t, info = self.cfg.train, self.info
+        loss_sum = comm.all_reduce_sum(loss_sum, group=parallel_state.get_data_parallel_group())
+        loss = loss_sum.item() / (t.grad_accum_steps * info.dp_size)
+        now = time.perf_counter()
+        tok_s = (step - self.step_last) * self.tokens_per_step / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, step
+        gnorm = engine.get_global_grad_norm()
+        record: dict[str, Any] = {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": float(gnorm) if gnorm is not None else None,
+            "tokens_per_s": tok_s, "tokens": tokens, "flops_per_s": tok_s * self.flops_tok,
+            "mem_gb": memory_gb(info.device),
+        }
+        if self.peak:
+            record["mfu"] = tok_s * self.flops_tok / (self.peak * info.world_size)
+        eta = (t.steps - step) * (now - self.t_start) / max(step - self.start_step, 1)
+        if self.writer:
+            self.writer.log(record)
+            perf = f"mfu {record['mfu']:.1%}" if self.peak else f"{record['flops_per_s'] / 1e9:.2f} GFLOP/s"
+            self.say(f"step {step:>7d}  loss {loss:.4f}  lr {lr:.3e}  gnorm {record['grad_norm'] or 0:.3f}  "
+                     f"{tok_s:,.0f} tok/s  {perf}  mem {record['mem_gb']:.2f} GB  eta {fmt_eta(eta)}")
+
+    def val_record(self, step: int, val: dict[str, float]) -> None:
+        if self.writer:
+            self.writer.log({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"]})
+            self.say(f"step {step:>7d}  val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer:
+            self.writer.close()
+
+
+def _has_val(cfg: Config) -> bool:
+    from tokenformer_dist.data import TokenShards
+
+    try:
+        return TokenShards(cfg.data.path, "val").n_windows(cfg.model.seq_len) > 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
+    """One training run. destroy=False keeps torch.distributed up (several runs in one launch, for tests)."""
+    from tokenformer_dist.data import Prefetcher, TokenShards, WindowLoader, check_vocab
+    from tokenformer_dist.evaluate import evaluate
+    from tokenformer_dist.parallel import destroy_distributed, init_distributed
+
+    t, m = cfg.train, cfg.model
+    check_vocab(TokenShards(cfg.data.path, "train").vocab_size, m.vocab_size, cfg.data.path)
+    info = init_distributed(cfg.parallel.tp, cfg.parallel.dist_timeout_minutes, seed=t.seed)
+    if info.device.type == "cpu":
+        tune_cpu_allocator()
+    run_dir = Path(args.run_dir or Path("runs") / Path(cfg.source).stem)
+    bf16 = cfg.parallel.dtype == "bf16" or (cfg.parallel.dtype == "auto" and info.device.type == "cuda")
+
+    resume = find_resume(run_dir, info)
+    engine = build_engine(cfg, info, bf16, resume, args.init_from)
+    loader = WindowLoader(cfg.data.path, "train", m.seq_len, t.micro_batch_size, info.dp_rank, info.dp_size,
+                          seed=cfg.data.seed)
+    step, tokens_seen = load_resume(engine, resume, info, loader) if resume.meta else (0, 0)
+    batches = Prefetcher(loader, info.device, cfg.data.prefetch_batches)  # after the loader state is restored
+
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * info.dp_size * m.seq_len
+    report = Reporter(cfg, info, run_dir, step, tokens_per_step)
+    preempt = Preemption(t.preempt_check_every)
+    has_val = _has_val(cfg)
+
+    def save() -> None:
+        ckpt_lib.save_checkpoint(engine, run_dir, step, cfg, info,
+                                 {"tokens": tokens_seen, "loader": batches.state_dict(),
+                                  "dtype": "bf16" if bf16 else "fp32"}, t.keep_last)
+
+    exit_code = 0
+    try:
+        while step < t.steps:
+            lr = lr_at(step, t.steps, t.lr, t.min_lr, t.warmup_frac)
+            loss_sum = train_step(engine, batches, lr, t.grad_accum_steps)
+            step += 1
+            tokens_seen += tokens_per_step
+            report.bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                report.train_record(step, tokens_seen, loss_sum, lr, engine)
+            if has_val and (step % t.eval_every == 0 or step == t.steps):
+                report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
+                                                 t.eval_batches))
+            if preempt.should_stop(step):
+                save()
+                if info.is_main:
+                    report.say(f"preempted: checkpoint saved at step {step}; exiting {EXIT_PREEMPTED} for requeue")
+                exit_code = EXIT_PREEMPTED
+                break
+            if step % t.save_every == 0 and step < t.steps:
+                save()
+        if exit_code == 0:
+            save()
+    finally:
+        batches.close()
+        report.close()
+    if destroy:
+        destroy_distributed()
+    else:
+        parallel_state.destroy_model_parallel()
+    return exit_code
