@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from tokenformer_dist.config import Config, ConfigError, load_config, read_yaml
+from tokenformer_dist.growth import KINDS
 
 REPO = Path(__file__).resolve().parents[2]
-KINDS = ("qkv", "proj", "ffn")
 GROW_ARMS = ("grow_exact", "grow_official")  # ladders; `init` of tools/expand_tokens.py is the suffix
 ARMS = ("scratch", "no_growth", *GROW_ARMS)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
