@@ -101,7 +101,9 @@ class RayRunner:
         ray.init(**kwargs)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or cpus
-        self.remote = ray.remote(num_cpus=1)(process_unit)
+        # on a cluster, spread the tasks over the nodes from the start: Ray's default packs them onto the
+        # driver's node while it has free CPUs, and short tasks never reach nodes still starting workers
+        self.remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD" if address else "DEFAULT")(process_unit)
 
     def check_nodes_see(self, paths: list[Path]) -> None:
         """Raise DataError unless every alive node with CPUs sees every path (the shared-filesystem rule)."""

@@ -237,13 +237,16 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                env: dict[str, str] | None = None, cwd: str | Path | None = None) -> int:
         """sbatch `script` from `cwd` (the job's submit dir), our environment plus `env`; returns its id."""
         out = _run(["sbatch", "--parsable", *sbatch_flags, str(script), *args], {**self.env, **(env or {})},
-                   cwd=cwd)
+                   cwd=cwd, timeout=120)  # sbatch waits on slurmctld, which a loaded machine can starve
         return int(out.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, Reason, ...); {} once it is gone."""
-        proc = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
-                              env=self.env, timeout=30)
+        try:
+            proc = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
+                                  env=self.env, timeout=30)
+        except subprocess.TimeoutExpired:  # slurmctld starved of CPU: unknown for now, the caller polls on
+            return {"JobState": "UNKNOWN"}
         if proc.returncode != 0:
             return {}
         fields: dict[str, str] = {}

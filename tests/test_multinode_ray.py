@@ -1,8 +1,8 @@
 """data_prep/build.py --ray-address on a real two-node Ray cluster on this machine: `ray start --head` and a
 second `ray start --address`, each with its own temp dir, one CPU and a resource naming it, so the tasks
 spread over both raylets. The output equals a local build byte for byte; Ray's own task records (GCS task
-events) show tasks on both nodes; a node that cannot see the inputs (its own mount namespace) is refused
-with one line; killing the worker node mid-build still ends in the same bytes.
+events) show tasks on both nodes; inputs that a node cannot see (its own mount namespace hides their
+directory) are refused with one line; killing the worker node mid-build still ends in the same bytes.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def _env(**extra: str) -> dict[str, str]:
             **extra}
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End one `ray start --block` and every process it started (its own process group)."""
-    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+def _stop(proc: subprocess.Popen, kill: bool = False) -> None:
+    """End one `ray start --block` and every process it started (its own process group): SIGTERM, then
+    SIGKILL after 3 s; `kill`: SIGKILL at once (a node dying)."""
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10))[kill:]:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -62,6 +63,7 @@ class RayNodes:
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.dirs: list[Path] = []
+        self.hidden: Path | None = None  # a directory the worker node cannot see
 
     def start(self, name: str, head: bool = False, wrap: list[str] | None = None, **env: str) -> None:
         temp = Path(tempfile.mkdtemp(prefix=f"tfd{name[:2]}", dir="/tmp"))  # short: Ray's socket paths
@@ -73,13 +75,10 @@ class RayNodes:
                "--disable-usage-stats"]
         log = (temp / "start.log").open("w")
         self.procs[name] = subprocess.Popen([*(wrap or []), *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                            env=_env(**env), start_new_session=True)
+                                            env=_env(PYTHONUNBUFFERED="1", **env), start_new_session=True)
         # `ray start` prints this once its raylet has registered with the GCS
         self._wait(lambda: "Ray runtime started" in (temp / "start.log").read_text(errors="replace"),
                    f"`ray start` of node {name}", name)
-
-    def wait_nodes(self, n: int) -> None:
-        self._wait(lambda: len(alive_nodes(self.address)) == n, f"{n} alive Ray nodes", None)
 
     def _wait(self, ok, what: str, name: str | None, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -93,9 +92,9 @@ class RayNodes:
             time.sleep(0.5)
         raise RuntimeError(f"no {what} after {timeout:.0f} s")
 
-    def stop(self, name: str | None = None) -> None:
+    def stop(self, name: str | None = None, kill: bool = False) -> None:
         for n in [name] if name else list(self.procs)[::-1]:
-            _stop(self.procs.pop(n))
+            _stop(self.procs.pop(n), kill)
         if name is None:
             for d in self.dirs:
                 shutil.rmtree(d, ignore_errors=True)
@@ -145,13 +144,22 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayNodes]:
+    """Head + worker. As root, the worker node runs in its own mount namespace in which `nodes.hidden` (a
+    directory every other process sees) is an empty tmpfs: a node without part of the shared filesystem."""
     if not RAY.is_file():
         pytest.skip(f"no ray CLI at {RAY}")
     nodes = RayNodes()
+    nodes.hidden = Path(tempfile.mkdtemp(prefix="tfd-hidden-", dir="/tmp"))
+    nodes.dirs.append(nodes.hidden)
+    wrap = None
+    if shutil.which("unshare") is not None and os.geteuid() == 0:
+        wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'mount -t tmpfs tfd-private "{nodes.hidden}" && exec "$@"', "sh"]
+    else:
+        nodes.hidden = None
     try:
         nodes.start("head", head=True)
-        nodes.start("worker", TFD_BUILD_UNIT_DELAY=str(UNIT_DELAY_S))
-        nodes.wait_nodes(2)
+        nodes.start("worker", wrap=wrap, TFD_BUILD_UNIT_DELAY=str(UNIT_DELAY_S))
     except RuntimeError as e:
         nodes.stop()
         print(f"\nSKIP: a two-node Ray cluster did not start: {e}")
@@ -183,32 +191,25 @@ def test_two_node_build_is_byte_identical_and_uses_both_nodes(cluster: RayNodes,
     assert {names[n][0] for n in counts} == {"tfd_head", "tfd_worker"}, (counts, names)
 
 
-def test_a_node_that_cannot_see_the_inputs_is_refused(cluster: RayNodes, corpus: dict, tmp_path: Path,
+def test_a_node_that_cannot_see_the_inputs_is_refused(cluster: RayNodes, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    """A third node in its own mount namespace, where the corpus directory is an empty tmpfs: a node
-    without the shared filesystem. The build refuses to start, naming the node and the file."""
-    if shutil.which("unshare") is None or os.geteuid() != 0:
+    """Inputs in a directory that the worker node does not see (its mount namespace hides it): the build
+    refuses to start, naming the node and the file, and leaves no manifest."""
+    if cluster.hidden is None:
         pytest.skip("needs root and unshare(1) for a node with its own mount namespace")
-    hide = str(corpus["dir"])
-    wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            f'mount -t tmpfs tfd-private "{hide}" && exec "$@"', "sh"]
-    cluster.start("blind", wrap=wrap)
-    try:
-        cluster.wait_nodes(3)
-        rc = main([*corpus["args"], "--output", str(tmp_path / "out"), "--ray-address", cluster.address])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2, err
-        assert err[-1].startswith("error: Ray node ") and err[-1].endswith(
-            f"cannot see {hide}/docs.jsonl: --ray-address needs the inputs on a filesystem shared by every "
-            "node, at the same path (see docs/data.md)"), err
-        assert not (tmp_path / "out" / "manifest.json").exists()
-    finally:
-        cluster.stop("blind")
-        cluster.wait_nodes(2)
+    src = write_jsonl(cluster.hidden / "docs.jsonl", make_docs(40))
+    rc = main(["--input", str(src), "--vocab-size", str(VOCAB), "--no-progress", "--output", str(tmp_path / "out"),
+               "--ray-address", cluster.address])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert err[-1].startswith("error: Ray node ") and err[-1].endswith(
+        f"cannot see {src}: --ray-address needs the inputs on a filesystem shared by every "
+        "node, at the same path (see docs/data.md)"), err
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_killing_the_worker_node_mid_build(cluster: RayNodes, corpus: dict, tmp_path: Path) -> None:
-    """SIGKILL to the worker node (its raylet, workers and all) once some units are done: Ray retries the
+    """SIGKILL to the worker node (`ray start` and its raylet, all at once) once some units are done: Ray retries the
     lost tasks on the head node and the build ends byte-identical to the local one; had the retries run
     out, the build exits 2 naming --resume, and --resume must then complete it byte-identically."""
     out = tmp_path / "ray"
@@ -219,7 +220,7 @@ def test_killing_the_worker_node_mid_build(cluster: RayNodes, corpus: dict, tmp_
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if parts.is_dir() and len(list(parts.glob("*.npz"))) >= 3:
-                cluster.stop("worker")
+                cluster.stop("worker", kill=True)
                 killed.set()
                 return
             time.sleep(0.05)

@@ -269,3 +269,15 @@ def test_hostlist_expansion_matches_scontrol(cluster: SlurmCluster) -> None:
                               env=cluster.env, check=True, timeout=30).stdout.split()
         assert expand_hostlist(hostlist) == real, hostlist
     assert expand_hostlist("node[01-04]")[0] == "node01"
+
+
+def test_first_slurm_host_without_scontrol(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On a node without Slurm's client tools the trainer still finds the first host of `node[01-04]`
+    (the bug: it used to answer "node")."""
+    from tokenformer_dist.parallel import _first_slurm_host
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    for hostlist, first in (("node[01-04]", "node01"), ("a[1-2],b3", "a1"), ("gpu-[7-9]", "gpu-7"), ("x1", "x1")):
+        monkeypatch.setenv("SLURM_JOB_NODELIST", hostlist)
+        assert _first_slurm_host() == first, hostlist
