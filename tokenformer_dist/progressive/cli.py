@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tokenformer_dist.atomic import atomic_write_text
 from tokenformer_dist.config import ConfigError
 from tokenformer_dist.progressive import accounting as acc
 from tokenformer_dist.progressive.experiment import collect, execute, plan, run_record
@@ -29,12 +30,6 @@ def _manifest(data: Path) -> dict[str, Any]:
         return json.loads((data / "manifest.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--data {data}: not a dataset built by data_prep/build.py ({e})") from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                      "growth": round(sum(r.expand_s for r in runs), 1)}
     res["headline"] = headline(res)
     plot(res, out / "progressive.png")
-    write_atomic(out / "results.md", markdown(res))
-    write_atomic(out / "results.json", json.dumps(res, indent=1) + "\n")  # last: its presence means complete
+    atomic_write_text(out / "results.md", markdown(res))
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1) + "\n")  # last: its presence means complete
     say(f"wrote {out}/results.json, results.md, progressive.png in {res['wall_s']['total']:.0f} s")
     say(res["headline"])
     return 0

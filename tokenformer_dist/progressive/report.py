@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tokenformer_dist.atomic import atomic_path
 from tokenformer_dist.progressive.accounting import mean_curve
 
 ARM_STYLE = {"scratch": ("tab:gray", "scratch (last stage's model from scratch)"),
@@ -144,7 +145,6 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
