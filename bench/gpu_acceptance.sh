@@ -28,23 +28,28 @@ fail() {
   exit 1
 }
 
-# 1. environment
-VENV=$WORK/venv
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv --system-site-packages "$VENV" || fail "venv"
-fi
-VPY=$VENV/bin/python
-if ! "$VPY" -c "import deepspeed, megatron.core, pytest" 2>/dev/null; then
+# 1. environment: the machine's own python3 and torch; the rest from .whl/ into a target dir on PYTHONPATH
+# (not a venv: where torch lives outside the interpreter's site-packages — user site, PYTHONPATH, a container
+# layer — a --system-site-packages venv does not see it)
+SITE=$WORK/site
+VPY=$PY
+export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}
+if ! "$VPY" -c "import deepspeed, megatron.core, zarr, pytest, pytest_timeout" 2>/dev/null; then
   [ -d .whl ] || fail "megatron-core/DeepSpeed missing and no .whl/ (run bench/gpu_wheels.sh where there is network)"
-  "$VPY" -m pip install -q --no-index --find-links .whl megatron-core deepspeed zarr pytest pytest-timeout pyyaml \
-    || fail "pip install from .whl"
+  # --no-deps: the machine's torch (often a pre-release build such as 2.11.0a0 in NGC containers, which pip's
+  # resolver does not accept for torch>=2.6) must stay; .whl/ holds every other dependency
+  wheels=()
+  for w in .whl/*.whl; do
+    case "$w" in .whl/numpy-*) "$VPY" -c "import numpy" 2>/dev/null && continue ;; esac
+    wheels+=("$w")
+  done
+  "$VPY" -m pip install -q --no-index --no-deps --target "$SITE" "${wheels[@]}" || fail "pip install from .whl"
 fi
 "$VPY" - <<'PYEOF' || fail "imports"
 import deepspeed, megatron.core, torch
 print(f"gpu_acceptance: {torch.cuda.get_device_name(0)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}")
 PYEOF
-export PYTHONPATH=$REPO
 unset SLURM_PROCID RANK WORLD_SIZE LOCAL_RANK
 
 # 2. GPU-marked tests

@@ -24,7 +24,7 @@ import pytest
 
 from data_prep.build import main
 from tests.data_fixtures import dataset_files, make_docs, write_jsonl
-from tests.dist import REPO, free_port
+from tests.dist import REPO, REPO_PYTHONPATH, free_port
 
 RAY = Path(os.path.dirname(sys.executable)) / "ray"
 VOCAB = 400
@@ -32,7 +32,7 @@ UNIT_DELAY_S = 0.3  # on the worker node only (its raylet's env): the kill lands
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": REPO_PYTHONPATH,
             **extra}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dist import REPO
+from tests.dist import REPO, REPO_PYTHONPATH
 from tokenformer_dist.config import ConfigError, load_config, param_count
 from tokenformer_dist.metrics import flops_per_token
 from tokenformer_dist.progressive import accounting as acc
@@ -27,7 +27,7 @@ LADDER = REPO / "configs" / "progressive_mini.yaml"
 
 
 def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_PYTHONPATH}
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=REPO)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist import DIST_SCRIPTS, REPO, free_port
+from tests.dist import DIST_SCRIPTS, REPO, REPO_PYTHONPATH, free_port
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 MULTI = DIST_SCRIPTS / "train_multi.py"
@@ -22,7 +22,7 @@ def build_sample(out: Path) -> Path:
     cmd = [sys.executable, str(REPO / "data_prep" / "build.py"), "--output", str(out), "--sample-mb", "1",
            "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"})
+                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "RAY_AUTH_MODE": "disabled"})
     if proc.returncode != 0:
         pytest.fail(f"data_prep/build.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return out
@@ -45,7 +45,7 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_PYTHONPATH}
 
 
 def launch_runs(nproc: int, runs: list[list[str]], timeout: float = 300, check: bool = True,

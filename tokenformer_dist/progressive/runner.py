@@ -25,7 +25,8 @@ class StepFailed(RuntimeError):
 
 def _env() -> dict[str, str]:
     # one BLAS thread per process: the ranks (and the concurrent jobs) already occupy the cores
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "RAY_AUTH_MODE": "disabled"}
 
 
