@@ -19,7 +19,7 @@ import yaml
 from megatron.core.parallel_state import RankGenerator
 
 from tests.dist import REPO
-from tests.dist_scripts.train_helpers import env, launch_runs, losses, train_argv, wait_for_step
+from tests.dist_scripts.train_helpers import env, launch_runs, losses, train_argv, wait_for_step, worker_pids
 from tokenformer_dist.net import free_port
 from tokenformer_dist.parallel import check_tp_within_node
 
@@ -37,10 +37,17 @@ def _agent(node_rank: int, endpoint: str, argv: list[str], log: Path) -> subproc
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL one agent and its ranks (torchrun starts each rank in a session of its own)."""
+    ranks = list(worker_pids(proc.pid).values())
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> float:
@@ -50,7 +57,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> float:
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         proc.wait(10)
-        pytest.fail(f"agent {proc.args[6]} did not exit within {timeout:.0f} s")
+        pytest.fail(f"agent --node-rank {proc.args[8]} did not exit within {timeout:.0f} s")
     return time.monotonic() - t0
 
 
