@@ -2,7 +2,7 @@
 
 For each case (config, TP, DP, micro-batch, ZeRO stage, activation checkpointing; fp32) this script launches
 real gloo processes under torchrun, builds the real TokenFormer and the real DeepSpeed engine exactly as the
-trainer does (`tokenformer_dist.train.deepspeed_config`, `build_optimizer`), and runs three optimizer steps on
+trainer does (`parallelize`, `ds_config.deepspeed_config`, `optim.build_optimizer`), and runs three optimizer steps on
 random tokens (the first allocates AdamW's state; the later ones are the steady state).
 
 What "measured" is: the peak of bytes live in torch's CPU allocator, from torch.profiler's memory tracking
@@ -54,8 +54,8 @@ CASES = [
     Case("124m-tp1-mb2", "configs/owt_124m.yaml", tp=1, dp=1, micro_batch=2, zero_stage=1, checkpointing=False),
     Case("124m-tp2-mb4-ckpt", "configs/owt_124m.yaml", tp=2, dp=1, micro_batch=4, zero_stage=1,
          checkpointing=True),
-    Case("354m-tp2-mb2-s256", "configs/owt_354m.yaml", tp=2, dp=1, micro_batch=2, zero_stage=1,
-         checkpointing=False, overrides=("model.seq_len=256",)),
+    Case("pile150m-tp2-mb1", "configs/pile_150m.yaml", tp=2, dp=1, micro_batch=1, zero_stage=1,
+         checkpointing=False),
     Case("124m-dp2-mb1-s512", "configs/owt_124m.yaml", tp=1, dp=2, micro_batch=1, zero_stage=1,
          checkpointing=False, overrides=("model.seq_len=512",)),
 ]
@@ -112,10 +112,12 @@ def worker(case: Case, steps: int) -> None:
     from megatron.core import parallel_state
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from tokenformer_dist.allocator import tune_cpu_allocator
     from tokenformer_dist.config import load_config
+    from tokenformer_dist.ds_config import deepspeed_config
     from tokenformer_dist.model import TokenFormer, parallelize
+    from tokenformer_dist.optim import build_optimizer
     from tokenformer_dist.parallel import DeepSpeedMPU, destroy_distributed, init_distributed
-    from tokenformer_dist.train import build_optimizer, deepspeed_config, tune_cpu_allocator
 
     overrides = [*case.overrides, f"parallel.zero_stage={case.zero_stage}",
                  f"parallel.activation_checkpointing={str(case.checkpointing).lower()}",
@@ -137,7 +139,7 @@ def worker(case: Case, steps: int) -> None:
             model = parallelize(model, parallel_state.get_tensor_model_parallel_group())  # as the trainer
             optimizer = build_optimizer(model, cfg, fused=False)
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
-                                              config=deepspeed_config(cfg, info.dp_size, False, False))
+                                              config=deepspeed_config(cfg, info.dp_size, False, False, on_gpu=False))
         for i, batch in enumerate(batches):  # the calls of tokenformer_dist.train.train_step, labelled
             with record_function(f"phase:fwd{i}"):
                 loss = engine(batch[:, :-1], batch[:, 1:])
@@ -240,7 +242,7 @@ def predict(case: Case) -> dict:
     cfg = load_config(REPO / case.config, list(case.overrides), case.tp)
     hw = HARDWARE["cpu"]
     lay = Layout(case.tp, case.dp, case.zero_stage, case.micro_batch, 1, case.checkpointing)
-    return memory(cfg.model, lay, hw, zero_settings(cfg))
+    return memory(cfg.model, lay, hw, zero_settings(cfg, hw))
 
 
 if __name__ == "__main__":

@@ -74,8 +74,12 @@ case "$gpu_name" in
 esac
 plan_json=""
 if [ -f tools/plan.py ] && [ -n "$plan_gpu" ]; then
+  # the planner's prediction for the layout this run used (the config's), not its own best layout
+  read -r p_tp p_mb p_zero p_ac < <("$VPY" -c "from tokenformer_dist.config import load_config as l
+c = l('configs/owt_124m.yaml'); p = c.parallel
+print(p.tp, c.train.micro_batch_size, p.zero_stage, 'on' if p.activation_checkpointing else 'off')")
   plan_json=$("$VPY" tools/plan.py --config configs/owt_124m.yaml --nodes 1 --gpus-per-node 1 --gpu "$plan_gpu" \
-    2>/dev/null | tail -1)
+    --tp "$p_tp" --micro-batch "$p_mb" --zero-stage "$p_zero" --activation-checkpointing "$p_ac" 2>/dev/null | tail -1)
 fi
 bench_line=$("$VPY" - "$RUN/metrics.jsonl" "$plan_json" <<'PYEOF'
 import json, statistics, sys

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dist_scripts.train_helpers import TINY, env
+from tests.dist_scripts.train_helpers import TINY
 from tokenformer_dist import comm
 from tokenformer_dist.data import DatasetError, check_vocab
 from tokenformer_dist.parallel import GPU_ENV_VARS, LaunchError, check_gpu_environment
@@ -86,17 +84,26 @@ def test_vocab_check():
         check_vocab(8192, 4096, "d")
 
 
-def test_trainer_cli_refuses_fake_slurm_gpus_and_a_too_small_vocab(sample_data, tmp_path):
-    """The real entry point on this CPU machine: exit 2 with one line naming the cause."""
-    base = [sys.executable, "-m", "tokenformer_dist.train", "--config", TINY, "--data", str(sample_data),
-            "--run-dir", str(tmp_path / "r"), "--tp", "1", "--steps", "1"]
+def test_trainer_cli_refuses_fake_slurm_gpus_and_a_too_small_vocab(sample_data, tmp_path, monkeypatch, capsys):
+    """The real entry point (train.main, in this process: both checks fire before any process group or model
+    exists) on this CPU machine: exit 2 with one line naming the cause."""
+    from tokenformer_dist.train import main
+
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    gpus = subprocess.run(base, capture_output=True, text=True, timeout=120,
-                          env={**env(), "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
-    assert gpus.returncode == 2, gpus.stderr[-2000:]
-    err = [ln for ln in gpus.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "torch.cuda is not available" in err[0]
-    vocab = subprocess.run([*base, "--set", "model.vocab_size=4096"], capture_output=True, text=True,
-                           timeout=120, env=env())
-    assert vocab.returncode == 2 and "dataset vocab_size 8192" in vocab.stderr, vocab.stderr[-2000:]
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # restored after the test
+        monkeypatch.setenv(k, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": "29999"}[k])
+    for k in (*GPU_ENV_VARS, "TOKENFORMER_DIST_ALLOW_CPU"):
+        monkeypatch.delenv(k, raising=False)
+    argv = ["--config", TINY, "--data", str(sample_data), "--run-dir", str(tmp_path / "r"), "--tp", "1",
+            "--steps", "1"]
+    assert main([*argv, "--set", "model.vocab_size=4096"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "dataset vocab_size 8192" in err[0], err
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch.cuda is not available" in err[0], err
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written

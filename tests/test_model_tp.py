@@ -53,6 +53,13 @@ def test_plain_model_imports_no_megatron(tp_runs):
     assert report["megatron_modules_of_plain_model"] == []
 
 
+def test_meta_built_model_equals_parallelized_model(tp_runs):
+    """build_parallel_model (meta device, only this rank's shards allocated) gives the same weights."""
+    report = json.loads((tp_runs / "report.json").read_text())
+    flags = {k: v for k, v in report.items() if k.startswith("built_equals_parallelized_")}
+    assert len(flags) == 9 and all(flags.values()), flags
+
+
 def test_param_count_matches_config_formula(tp_runs):
     report = json.loads((tp_runs / "report.json").read_text())
     for tp in (1, 2, 4):

@@ -1,11 +1,12 @@
-"""tools/progressive_experiment.py: ladder-config validation, the compute-ratio interpolation, and one real
-end-to-end run (--budget test: 4 torchrun launches of the trainer at TP 2 + 2 expansions, ~70-100 s)."""
+"""The progressive-scaling experiment (tokenformer_dist.progressive): ladder-config validation, the FLOP
+accounting and matched-compute comparisons on synthetic curves with known answers, the headline's wording,
+and one real end-to-end run (--budget test of a two-stage ladder: 5 trainer launches at TP 1, two at a time,
++ 2 expansions)."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,21 +18,15 @@ import yaml
 from tests.dist import REPO
 from tokenformer_dist.config import ConfigError, load_config, param_count
 from tokenformer_dist.metrics import flops_per_token
+from tokenformer_dist.progressive import accounting as acc
+from tokenformer_dist.progressive.ladder import load_ladder
+from tokenformer_dist.progressive.report import headline
 
 TOOL = REPO / "tools" / "progressive_experiment.py"
 LADDER = REPO / "configs" / "progressive_mini.yaml"
 
 
-@functools.cache
-def _tool():
-    spec = importlib.util.spec_from_file_location("progressive_experiment", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=REPO)
@@ -46,29 +41,43 @@ def _write(tmp_path: Path, edit) -> Path:
 
 
 BAD = [  # (edit of the shipped ladder config, text the one-line error must contain)
-    (lambda r: r.update(stages=r["stages"][:2]), "stages must be a list of at least 3"),
-    (lambda r: r["stages"][1]["tokens"].update(qkv=97), "stages[1].tokens.qkv=97 is not divisible by tp=2"),
+    (lambda r: r.update(stages=r["stages"][:1]), "stages must be a list of at least 2"),
+    (lambda r: r.update(tp=2) or r["stages"][1]["tokens"].update(qkv=97),
+     "stages[1].tokens.qkv=97 is not divisible by tp=2"),
     (lambda r: r["stages"][2]["tokens"].update(ffn=64), "stages[2].tokens.ffn=64 is smaller than"),
     (lambda r: r["stages"][0].pop("steps"), "stages[0].steps is required"),
-    (lambda r: r["stages"][0].update(steps=0), "stages[0].steps must be a positive integer"),
+    (lambda r: r["stages"][1].update(steps=0), "stages[1].steps must be a positive integer"),
+    (lambda r: r["stages"][0].update(steps=7), "stages[0].steps=7 must equal scratch.steps="),
     (lambda r: r["stages"][1].update(lr="fast"), "stages[1].lr must be a positive number"),
     (lambda r: r["stages"][1].update(min_lr=1.0), "stages[1].min_lr=1.0 must be <= stages[1].lr"),
     (lambda r: r["stages"][1]["tokens"].update(mlp=3), "unknown key stages[1].tokens.mlp"),
+    (lambda r: r["stages"][1].update(name="no_growth"), "must be unique and not 'scratch' or 'no_growth'"),
     (lambda r: r.update(stage=[]), "unknown key stage (valid keys:"),
-    (lambda r: r.update(init="random"), "init must be one of exact, official"),
+    (lambda r: r["no_growth"].update(steps=5), "unknown key no_growth.steps"),
     (lambda r: r["scratch"].update(name="big"), "unknown key scratch.name"),
     (lambda r: r.update(budgets={"small": 0.1}), "budgets must be a mapping that includes 'full'"),
+    (lambda r: r["budgets"]["full"].update(seeds=0), "budgets.full.seeds must be a positive integer"),
     (lambda r: r["trainer_overrides"].update({"train.steps": 5}), "trainer_overrides.train.steps is set per run"),
+    (lambda r: r["budgets"]["small"]["set"].update({"data.seed": 5}), "budgets.small.set must map"),
     (lambda r: r.update(trainer_config="configs/nope.yaml"), "trainer_config 'configs/nope.yaml': no such file"),
 ]
 
 
 @pytest.mark.parametrize("edit,message", BAD)
 def test_ladder_validation(tmp_path, edit, message):
-    with pytest.raises(ConfigError, match=None) as err:
-        _tool().load_ladder(_write(tmp_path, edit))
+    with pytest.raises(ConfigError) as err:
+        load_ladder(_write(tmp_path, edit))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert str(tmp_path / "ladder.yaml") in str(err.value)
+
+
+def test_shipped_ladder_meets_the_issue():
+    """≥3 seeds at full, ≥2 at small; 2x growth steps; stage 1 on scratch's tokens (the regime check)."""
+    ladder = load_ladder(LADDER)
+    assert len(ladder.seeds("full")) >= 3 and len(ladder.seeds("small")) >= 2
+    for a, b in zip(ladder.stages, ladder.stages[1:], strict=False):
+        assert all(b.tokens[k] == 2 * a.tokens[k] for k in a.tokens)
+    assert ladder.stages[0].steps == ladder.scratch.steps and ladder.scratch.tokens == ladder.stages[-1].tokens
 
 
 def test_cli_errors(tmp_path):
@@ -87,74 +96,212 @@ def test_cli_errors(tmp_path):
     assert not any((tmp_path / p).exists() for p in ("o1", "o2", "nodata"))
 
 
-def test_flops_to_reach_interpolates_linearly_in_flops():
-    f = _tool().flops_to_reach
-    curve = [{"flops": 10.0, "val_loss": 5.0}, {"flops": 20.0, "val_loss": 4.0}, {"flops": 40.0, "val_loss": 3.0},
-             {"flops": 50.0, "val_loss": 2.0}]
-    assert f(curve, 3.5) == pytest.approx(30.0, rel=1e-12)
-    assert f(curve, 4.0) == pytest.approx(20.0, rel=1e-12)
-    assert f(curve, 6.0) == 10.0  # reached at the first eval point
-    assert f(curve, 1.0) is None
-    # a curve that dips below, rises, and dips again: the FIRST crossing counts
-    assert f([{"flops": 1.0, "val_loss": 3.0}, {"flops": 3.0, "val_loss": 1.0}, {"flops": 5.0, "val_loss": 4.0},
-              {"flops": 7.0, "val_loss": 0.5}], 2.0) == pytest.approx(2.0, rel=1e-12)
+# ---------------------------------------------------------------------- accounting on synthetic curves
+def _curve(*points: tuple[float, float]) -> acc.Curve:
+    return [{"flops": f, "val_loss": v} for f, v in points]
 
 
+def test_loss_at_interpolates_linearly_in_flops():
+    c = _curve((10.0, 5.0), (20.0, 4.0), (40.0, 3.0))
+    assert acc.loss_at(c, 15.0) == pytest.approx(4.5, rel=1e-12)
+    assert acc.loss_at(c, 30.0) == pytest.approx(3.5, rel=1e-12)
+    assert acc.loss_at(c, 20.0) == 4.0 and acc.loss_at(c, 10.0) == 5.0 and acc.loss_at(c, 40.0) == 3.0
+    assert acc.loss_at(c, 9.0) is None and acc.loss_at(c, 41.0) is None  # never extrapolated
+
+
+def test_flops_to_reach_first_crossing():
+    f = acc.flops_to_reach
+    c = _curve((10.0, 5.0), (20.0, 4.0), (40.0, 3.0), (50.0, 2.0))
+    assert f(c, 3.5) == pytest.approx(30.0, rel=1e-12)
+    assert f(c, 4.0) == pytest.approx(20.0, rel=1e-12)
+    assert f(c, 6.0) == 10.0 and f(c, 1.0) is None
+    assert f(_curve((1.0, 3.0), (3.0, 1.0), (5.0, 4.0), (7.0, 0.5)), 2.0) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_compute_ratio_and_null_case():
+    scratch = _curve((25.0, 5.0), (50.0, 4.0), (100.0, 3.0))  # final 3.0 at 100 FLOPs
+    ladder = _curve((10.0, 4.0), (20.0, 3.5), (40.0, 2.5))  # crosses 3.0 at 30
+    assert acc.compute_ratio(ladder, scratch) == pytest.approx(0.30, rel=1e-12)
+    assert acc.compute_ratio(_curve((10.0, 4.0), (80.0, 3.01)), scratch) is None
+    assert acc.aggregate_ratio([0.3, None, 0.4]) is None  # one "never" makes the mean meaningless
+    agg = acc.aggregate_ratio([0.2, 0.3, 0.4])
+    assert agg["mean"] == pytest.approx(0.3) and agg["per_seed"] == [0.2, 0.3, 0.4]
+
+
+def test_matched_gain_at_equal_compute():
+    # control: 4.0 at 0 -> 3.0 at 100 (linear); treated ends at 60 FLOPs with 3.1; control there = 3.4
+    control = _curve((0.0, 4.0), (100.0, 3.0))
+    assert acc.matched_gain(control, _curve((20.0, 3.9), (60.0, 3.1))) == pytest.approx(0.3, rel=1e-12)
+    assert acc.matched_gain(control, _curve((20.0, 3.9), (100.0, 3.2))) == pytest.approx(-0.2, rel=1e-12)
+    with pytest.raises(ValueError, match="before"):
+        acc.matched_gain(_curve((0.0, 4.0), (50.0, 3.0)), _curve((20.0, 3.9), (60.0, 3.1)))
+
+
+def test_post_growth_bumps():
+    stages = [_curve((1.0, 4.0), (2.0, 3.0)), _curve((3.0, 3.25), (4.0, 2.9)), _curve((5.0, 2.8), (6.0, 2.7))]
+    assert acc.post_growth_bumps(stages) == pytest.approx([0.25, -0.1], rel=1e-12)
+
+
+def test_mean_ci95_student_t():
+    s = acc.mean_ci95([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.303
+    half = 4.303 / math.sqrt(3)
+    assert s["mean"] == 2.0 and s["n"] == 3 and s["ci95"] == pytest.approx([2 - half, 2 + half], rel=1e-12)
+    s = acc.mean_ci95([0.5, 0.7])  # sd 0.1414, t(0.975, 1) = 12.706
+    assert s["ci95"] == pytest.approx([0.6 - 12.706 * 0.1, 0.6 + 12.706 * 0.1], rel=1e-9)
+    assert acc.mean_ci95([0.25]) == {"mean": 0.25, "ci95": None, "n": 1}
+
+
+def test_mean_curve_on_common_grid():
+    m = acc.mean_curve([_curve((1.0, 4.0), (100.0, 2.0)), _curve((1.0, 6.0), (100.0, 2.0))], points=3)
+    assert m["flops"] == pytest.approx([1.0, 10.0, 100.0]) and m["mean"][0] == 5.0 and m["mean"][-1] == 2.0
+    assert m["min"][0] == 4.0 and m["max"][0] == 6.0
+
+
+def _res(gain, regime_ok=True, ratio=None, ratios=(None, None, None)):
+    return {"seeds": [1, 2, 3],
+            "regime": {"ok": regime_ok, "scratch_final": 4.0, "small_same_tokens_final": 4.1},
+            "growth_gain": acc.mean_ci95(gain), "exact_vs_official": acc.mean_ci95([0.1, 0.12, 0.11]),
+            "compute_ratio": ratio, "compute_ratio_per_seed": list(ratios)}
+
+
+def test_headline_says_what_the_data_says():
+    h = headline(_res([0.05, 0.06, 0.07]))
+    assert "growth beat the control" in h and "regime ok" in h and "compute_ratio null" in h
+    assert "growth did not beat the control measurably" in headline(_res([0.05, -0.04, 0.01]))
+    assert "growth did not beat the control: " in headline(_res([-0.05, -0.06, -0.07]))
+    assert "lossless growth beat the official recipe" in h
+    h = headline(_res([0.05, 0.06, 0.07], regime_ok=False, ratio=acc.aggregate_ratio([0.5, 0.6, 0.7]),
+                      ratios=(0.5, 0.6, 0.7)))
+    assert h.startswith("REGIME CHECK FAILED") and "compute_ratio 0.60" in h and "\n" not in h
+
+
+def test_run_jobs_order_concurrency_and_failure():
+    """Dependencies first, at most `workers` at once, and a failure stops what depends on it."""
+    import threading
+    import time
+
+    from tokenformer_dist.progressive.runner import Job, run_jobs
+
+    log, live, peak, lock = [], [0], [0], threading.Lock()
+
+    def work(name, fail=False):
+        def fn():
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            time.sleep(0.05)
+            with lock:
+                live[0] -= 1
+                log.append(name)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+        return fn
+
+    jobs = [Job("a", work("a")), Job("b", work("b")), Job("c", work("c"), ["a"]), Job("d", work("d"), ["c", "b"])]
+    done = []
+    run_jobs(jobs, 2, lambda j, cost, t: done.append((j.name, cost)))
+    assert log.index("a") < log.index("c") < log.index("d") and log.index("b") < log.index("d")
+    assert peak[0] == 2 and [c for _, c in done] == [1.0, 2.0, 3.0, 4.0]
+    log.clear()
+    with pytest.raises(RuntimeError, match="a failed"):
+        run_jobs([Job("a", work("a", fail=True)), Job("c", work("c"), ["a"])], 2, lambda *_: None)
+    assert log == ["a"]
+
+
+# -------------------------------------------------------------------------------- end to end
 def test_end_to_end_budget_test(sample_data, tmp_path):
+    """The shipped ladder cut to its first two stages (one growth: 5 trainer launches + 2 expansions)."""
     out = tmp_path / "prog"
-    proc = _cli("--data", str(sample_data), "--out", str(out), "--budget", "test")
+    config = _write(tmp_path, lambda r: r.update(stages=r["stages"][:2]))
+    proc = _cli("--config", str(config), "--data", str(sample_data), "--out", str(out), "--budget", "test")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     res = json.loads((out / "results.json").read_text())
-    ladder = yaml.safe_load(LADDER.read_text())
-    stages = res["progressive"]["stages"]
-    assert [s["name"] for s in stages] == [s["name"] for s in ladder["stages"]]
-    assert res["scratch"]["tokens"] == ladder["stages"][-1]["tokens"] and res["expansion_flops"] == 0.0
+    ladder = load_ladder(config)
+    seeds = ladder.seeds("test")
+    assert {"budget", "seeds", "regime", "arms", "growth_gain", "compute_ratio", "settings"} <= set(res)
+    assert res["budget"] == "test" and res["seeds"] == seeds
+    assert set(res["arms"]) == {"scratch", "no_growth", "grow_exact", "grow_official"}
+    assert set(res["regime"]) >= {"scratch_final", "small_same_tokens_final", "ok"}
+    assert proc.stdout.strip().splitlines()[-1] == res["headline"]
+    assert res["headline"] in (out / "results.md").read_text()
 
-    # FLOPs accounting against the trainer configs the runs really used and their metrics.jsonl
-    run_dirs = [out / "scratch"] + [out / f"stage{i + 1}_{s['name']}" for i, s in enumerate(stages)]
-    cum = 0.0
-    for rec, run_dir in zip([res["scratch"], *stages], run_dirs, strict=True):
-        cfg = load_config(run_dir / "config.yaml")
-        assert cfg.model.vocab_size == 8192 and cfg.parallel.tp == 2  # the sample dataset's vocabulary
-        assert {"qkv": cfg.model.qkv_tokens, "proj": cfg.model.proj_tokens, "ffn": cfg.model.ffn_tokens} == \
-            rec["tokens"]
-        tok_step = cfg.train.micro_batch_size * cfg.model.seq_len  # DP 1
-        rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert max(r["tokens"] for r in rows if "tokens" in r) == cfg.train.steps * tok_step == rec["train_tokens"]
-        fpt = flops_per_token(cfg.model)
-        assert rec["flops_per_token"] == fpt and rec["params"] == param_count(cfg.model)
-        assert rec["flops"] == pytest.approx(cfg.train.steps * tok_step * fpt, rel=1e-12)
-        evals = [r for r in rows if "val_loss" in r]
-        assert len(evals) == len(rec["curve"]) >= 2 and evals[-1]["step"] == cfg.train.steps
-        start = 0.0 if rec is res["scratch"] else cum
-        for point, ev in zip(rec["curve"], evals, strict=True):
-            assert point["val_loss"] == ev["val_loss"]
-            assert point["flops"] == pytest.approx(start + ev["step"] * tok_step * fpt, rel=1e-12)
-        if rec is not res["scratch"]:
-            assert rec["cum_flops_start"] == pytest.approx(cum, rel=1e-12)
-            cum += rec["flops"]
-            assert rec["cum_flops_end"] == pytest.approx(cum, rel=1e-12)
-    assert res["progressive"]["flops"] == pytest.approx(cum, rel=1e-12)
+    names = [s.name for s in ladder.stages]
+    for seed in seeds:
+        sd = out / f"seed{seed}"
+        cfgs, finals = {}, {}
+        for key in ["scratch", names[0], "no_growth", *[f"{a}/{n}" for a in ("grow_exact", "grow_official")
+                                                        for n in names[1:]]]:
+            run_dir = sd / key
+            cfg = load_config(run_dir / "checkpoints" / "latest" / "config.yaml") \
+                if (run_dir / "checkpoints" / "latest" / "config.yaml").is_file() else None
+            cfg = cfg or load_config(next((run_dir / "checkpoints").glob("step_*/config.yaml")))
+            assert cfg.model.vocab_size == 8192 and cfg.parallel.tp == ladder.tp and cfg.train.seed == seed
+            rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            tok_step = cfg.train.micro_batch_size * cfg.model.seq_len
+            assert max(r["tokens"] for r in rows if "tokens" in r) == cfg.train.steps * tok_step
+            cfgs[key] = (cfg, rows, tok_step)
+            finals[key] = [r for r in rows if "val_loss" in r][-1]["val_loss"]
+        # scratch and stage 1: same tokens, same data order; the regime check is their final losses
+        assert cfgs["scratch"][0].data.seed == cfgs[names[0]][0].data.seed
+        i = seeds.index(seed)
+        reg = res["regime"]["per_seed"][i]
+        assert reg == {"seed": seed, "scratch_final": finals["scratch"], "small_same_tokens_final": finals[names[0]]}
 
-    # compute_ratio recomputed from the ladder curve (first crossing of the scratch run's final val loss)
-    target = res["target_val_loss"]
-    assert target == res["scratch"]["curve"][-1]["val_loss"]
-    pts = [(p["flops"], p["val_loss"]) for p in res["progressive"]["curve"]]
-    reach = None
-    for (f0, l0), (f1, l1) in zip([(None, None), *pts[:-1]], pts, strict=True):
-        if l1 <= target:
-            reach = f1 if f0 is None else f0 + (l0 - target) / (l0 - l1) * (f1 - f0)
-            break
-    if reach is None:
-        assert res["compute_ratio"] is None
-    else:
-        assert res["compute_ratio"] == pytest.approx(reach / res["scratch"]["flops"], rel=1e-9)
-    # the later stages started from the grown weights of the stage before
-    for i, s in enumerate(stages[1:], start=1):
-        manifest = json.loads((out / "expanded" / s["name"] / "manifest.json").read_text())
-        assert manifest["new_tokens"] == s["tokens"] and manifest["old_tokens"] == stages[i - 1]["tokens"]
-        assert "--init-from" in (run_dirs[i + 1] / "train.log").read_text().splitlines()[0]
+        def flops(key: str, cfgs=cfgs) -> float:
+            cfg, _, tok_step = cfgs[key]
+            return cfg.train.steps * tok_step * flops_per_token(cfg.model)
+
+        # cumulative FLOPs of each arm's curve, rebuilt from the runs' configs and metrics.jsonl
+        def curve(keys: list[str], cfgs=cfgs, flops=flops) -> list[tuple[float, float]]:
+            pts, cum = [], 0.0
+            for key in keys:
+                cfg, rows, tok_step = cfgs[key]
+                fpt = flops_per_token(cfg.model)
+                pts += [(cum + r["step"] * tok_step * fpt, r["val_loss"]) for r in rows if "val_loss" in r]
+                cum += flops(key)
+            return pts
+
+        arms = {"scratch": ["scratch"], "no_growth": [names[0], "no_growth"],
+                **{a: [names[0], *[f"{a}/{n}" for n in names[1:]]] for a in ("grow_exact", "grow_official")}}
+        built = {a: curve(keys) for a, keys in arms.items()}
+        for a, pts in built.items():
+            got = [(p["flops"], p["val_loss"]) for p in res["arms"][a]["curves"][i]["points"]]
+            assert [v for _, v in got] == [v for _, v in pts]
+            assert [f for f, _ in got] == pytest.approx([f for f, _ in pts], rel=1e-12)
+            assert res["arms"][a]["final_val_loss"][i] == pts[-1][1]
+            assert res["arms"][a]["flops"] == pytest.approx(pts[-1][0], rel=1e-12)
+        # the control spends at least the ladders' compute, and less than one more of its steps
+        ladder_end, ng_end = built["grow_exact"][-1][0], built["no_growth"][-1][0]
+        ng_step = cfgs["no_growth"][2] * flops_per_token(cfgs["no_growth"][0].model)
+        assert ladder_end <= ng_end < ladder_end + ng_step + 1.0
+        assert built["grow_official"][-1][0] == pytest.approx(ladder_end, rel=1e-12)
+        assert cfgs[f"grow_exact/{names[1]}"][0].data.seed == cfgs["no_growth"][0].data.seed
+        # growth_gain = no_growth's loss interpolated at the ladder's final FLOPs − the ladder's final loss
+        (f0, l0), (f1, l1) = next((a, b) for a, b in zip(built["no_growth"], built["no_growth"][1:], strict=False)
+                                  if a[0] <= ladder_end <= b[0])
+        want = l0 + (ladder_end - f0) / (f1 - f0) * (l1 - l0) - built["grow_exact"][-1][1]
+        assert res["growth_gain"]["per_seed"][i] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        # compute_ratio: first crossing of scratch's final loss by the grown ladder
+        target, reach = finals["scratch"], None
+        for (fa, la), (fb, lb) in zip([(None, None), *built["grow_exact"][:-1]], built["grow_exact"], strict=True):
+            if lb <= target:
+                reach = fb if fa is None else fa + (la - target) / (la - lb) * (fb - fa)
+                break
+        got = res["compute_ratio_per_seed"][i]
+        assert got is None if reach is None else got == pytest.approx(reach / flops("scratch"), rel=1e-9)
+        # post-growth bumps: first val loss of each grown stage − final of the stage before
+        for a in ("grow_exact", "grow_official"):
+            stage_finals = [finals[k] for k in arms[a][:-1]]
+            firsts = [[r for r in cfgs[k][1] if "val_loss" in r][0]["val_loss"] for k in arms[a][1:]]
+            assert res["arms"][a]["post_growth_bump"][i] == pytest.approx(
+                [f - p for f, p in zip(firsts, stage_finals, strict=True)], rel=1e-12)
+            # each grown stage started from the previous stage's weights, grown by the tool with this init
+            for prev, st, key in zip(ladder.stages, ladder.stages[1:], arms[a][1:], strict=False):
+                manifest = json.loads((sd / a / f"expanded_{st.name}" / "manifest.json").read_text())
+                assert manifest["old_tokens"] == prev.tokens and manifest["new_tokens"] == st.tokens
+                assert manifest["init"] == a.removeprefix("grow_")
+                assert "--init-from" in (sd / key / "train.log").read_text().splitlines()[0]
+        assert cfgs["no_growth"][0].model.qkv_tokens == ladder.stages[0].tokens["qkv"]
+        assert param_count(cfgs["scratch"][0].model) == param_count(cfgs[f"grow_exact/{names[-1]}"][0].model)
     assert (out / "progressive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = (out / "results.md").read_text()
-    assert "compute_ratio" in md and md.count("| ladder: ") == len(stages)
     assert not list(out.glob(".*.tmp*"))

@@ -58,7 +58,7 @@ def runs(sample_data, tmp_path_factory):
     reshard_tp1(root / "untrained", root / "untrained_tp1")
     cmd = torchrun_cmd(2, "-m", "tokenformer_dist.generate", "--ckpt", str(root / "untrained"), "--prompt", PROMPT,
                        "--max-new-tokens", str(NEW_TOKENS), "--json")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     (root / "gen_tp2.json").write_text(proc.stdout.strip().splitlines()[-1])
     return root
@@ -96,6 +96,20 @@ def test_generate_tp2_equals_tp1_and_cache_equals_recompute(runs, capsys, sample
                         "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--seed", "7", "--json")["tokens"]
                for _ in range(2)]
     assert sampled[0] == sampled[1] and sampled[0] != tp1["tokens"][:12]
+
+
+def test_kv_cache_in_chunks_equals_full_forward(runs):
+    from tokenformer_dist.model.attention import KVCache
+
+    model = generate.load_model(runs / "untrained_tp1")
+    tokens = torch.randint(0, 8192, (2, 20), generator=torch.Generator().manual_seed(3))
+    cache = KVCache(model.cfg.n_layers, 20)
+    with torch.no_grad():
+        chunks = [model(part, cache=cache) for part in tokens.split([8, 1, 6, 5], dim=1)]  # prefill, 1, several
+        torch.testing.assert_close(torch.cat(chunks, dim=1), model(tokens), rtol=0, atol=1e-5)
+    assert cache.get_seq_length(0) == 20
+    with pytest.raises(ValueError, match="KV cache holds 20"):
+        model(tokens[:, :1], cache=cache)
 
 
 def test_generate_stops_at_end_of_document(runs):

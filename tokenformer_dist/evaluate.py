@@ -20,8 +20,8 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from tokenformer_dist import comm
-from tokenformer_dist.model import TokenFormer, parallelize
 from tokenformer_dist.model.attention import pair_batch_multiple
+from tokenformer_dist.model.tensor_parallel import build_parallel_model
 
 
 @torch.no_grad()
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model = TokenFormer(cfg.model, init_weights=False)  # every weight is loaded next
-        model = parallelize(model, parallel_state.get_tensor_model_parallel_group()).to(info.device)
+        model = build_parallel_model(cfg.model, parallel_state.get_tensor_model_parallel_group(),
+                                     init_weights=False, device=info.device)  # every weight is loaded next
         load_weights(model, ckpt)
         result = evaluate(model, args.data, cfg.model.seq_len, args.micro_batch or cfg.train.micro_batch_size,
                           args.batches, split=args.split, progress=info.is_main)

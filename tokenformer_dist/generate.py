@@ -176,13 +176,15 @@ def load_model(ckpt: str | Path, device: torch.device | str = "cpu",
     from tokenformer_dist.weights import load_weights
 
     path = resolve_checkpoint(ckpt)
-    model = TokenFormer(read_config(path).model, init_weights=False)
+    cfg = read_config(path).model
     if tp_group is not None and tp_group.size() > 1:
-        from tokenformer_dist.model.tensor_parallel import parallelize
+        from tokenformer_dist.model.tensor_parallel import build_parallel_model
 
-        model = parallelize(model, tp_group)
+        model = build_parallel_model(cfg, tp_group, init_weights=False, device=device)  # this rank's part only
+    else:
+        model = TokenFormer(cfg, init_weights=False).to(device)
     load_weights(model, path)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _finish(info: object | None) -> None:
@@ -193,7 +195,8 @@ def _finish(info: object | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenformer_dist.checkpoint import checkpoint_tp, read_config, resolve_checkpoint
+    from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
+    from tokenformer_dist.weights import checkpoint_tp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir")

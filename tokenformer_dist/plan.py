@@ -101,10 +101,15 @@ class ZeroSettings:
     fp32_grads: bool = False  # bf16 runs that reduce and accumulate gradients in fp32
 
 
-def zero_settings(cfg: Config) -> ZeroSettings:
+def zero_settings(cfg: Config, hw: Hardware) -> ZeroSettings:
+    """What tokenformer_dist.ds_config gives DeepSpeed for this config on this hardware: overlap_comm only on
+    a GPU (DeepSpeed's CPU accelerator has no side stream); fp32 gradient reduction/accumulation only for
+    bf16 (GPU) runs."""
     p = cfg.parallel
+    gpu = hw.name != "cpu"
     return ZeroSettings(int(getattr(p, "reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-                        bool(getattr(p, "overlap_comm", False)), getattr(p, "grad_reduce_dtype", None) == "fp32")
+                        bool(getattr(p, "overlap_comm", False)) and gpu,
+                        gpu and getattr(p, "grad_reduce_dtype", None) == "fp32")
 
 
 @dataclass(frozen=True)
@@ -368,7 +373,7 @@ def layout_problem(m: ModelConfig, tp: int, micro_batch: int, gpus_per_node: int
 def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, zs: ZeroSettings | None = None,
              lean_passes: tuple[int, int] | None = None) -> Estimate:
     m = cfg.model
-    zs = zs or zero_settings(cfg)
+    zs = zs or zero_settings(cfg, hw)
     mem = memory(m, lay, hw, zs)
     mm_s, elem_s = compute_seconds(m, lay, hw, lean_passes)
     micro_s = mm_s + elem_s

@@ -73,16 +73,16 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
     a checkpoint or --init-from, every weight is overwritten anyway."""
     import deepspeed
 
-    from tokenformer_dist.model import TokenFormer, parallelize
+    from tokenformer_dist.model.tensor_parallel import build_parallel_model
     from tokenformer_dist.parallel import DeepSpeedMPU
     from tokenformer_dist.weights import load_weights
 
     on_gpu = info.device.type == "cuda"
     fresh = resume.meta is None and not init_from
-    model = TokenFormer(cfg.model, seed=cfg.train.seed, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                        init_weights=fresh)
-    model = parallelize(model, parallel_state.get_tensor_model_parallel_group())
-    model.to(info.device)
+    # built on the meta device: only this rank's shards are ever allocated
+    model = build_parallel_model(cfg.model, parallel_state.get_tensor_model_parallel_group(), seed=cfg.train.seed,
+                                 activation_checkpointing=cfg.parallel.activation_checkpointing, init_weights=fresh,
+                                 device=info.device)
     if init_from and not resume.meta:
         load_weights(model, ckpt_lib.resolve_checkpoint(init_from))
     optimizer = build_optimizer(model, cfg, fused=on_gpu)

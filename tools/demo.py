@@ -2,7 +2,8 @@
 
 sample data (data_prep/build.py, text already on this machine) → train configs/tiny.yaml at TP 2 with
 DeepSpeed ZeRO (torchrun, 2 processes) → evaluate the checkpoint → loss-curve PNG →
-the progressive-scaling experiment in miniature (--budget small).
+the progressive-scaling experiment in miniature (--budget small: scratch, no_growth, grow_exact and
+grow_official, 2 seeds, compared at equal FLOPs; its last line is the headline, a smoke test at this budget).
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def main() -> None:
     if not args.skip_progressive and (REPO / "tools" / "progressive_experiment.py").exists():
         run([py, "tools/progressive_experiment.py", "--data", str(data), "--out", f"{args.out}/progressive",
              "--budget", "small"])
-    print(f"\ndemo: done in {time.time() - t0:.0f} s; loss curve in {args.out}/loss_curve.png")
+    done = f"\ndemo: done in {time.time() - t0:.0f} s; loss curve in {args.out}/loss_curve.png"
+    if not args.skip_progressive:
+        done += f"; progressive experiment in {args.out}/progressive/results.md"
+    print(done)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def tensor_parallel() -> None:
     from megatron.core import parallel_state
 
     from tokenformer_dist.model import parallelize
+    from tokenformer_dist.model.tensor_parallel import build_parallel_model
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
 
     def gathered(t: torch.Tensor, sharded: bool) -> torch.Tensor:
@@ -69,6 +70,15 @@ def tensor_parallel() -> None:
         for norm in NORMS:
             set_norm(norm)
             model = parallelize(TokenFormer(cfg, seed=11), group)
+            built = build_parallel_model(cfg, group, seed=11)  # never allocates the whole model
+            built_sd, tp_attrs = built.state_dict(), lambda m: {  # what DeepSpeed's grad norm reads
+                k: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None))
+                for k, p in m.named_parameters()}
+            same = torch.tensor(float(built_sd.keys() == model.state_dict().keys() and all(
+                torch.equal(t, built_sd[k]) for k, t in model.state_dict().items())
+                and tp_attrs(built) == tp_attrs(model)))
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)  # every rank's shards
+            report[f"built_equals_parallelized_tp{tp}_{norm}"] = bool(same.item())
             logits = model(tokens[:, :-1])
             loss = model.token_losses(logits, tokens[:, 1:]).mean()
             loss.backward()

@@ -129,19 +129,22 @@ def source_closure(entries: tuple[str, ...] = ENTRY_MODULES) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ weights
 def write_full_weights(ckpt: Path, out_file: Path) -> int:
     """model.safetensors with full, unsharded fp32 tensors; returns the parameter count (tau excluded).
-    Reads one tensor at a time from the per-TP-rank weight files (any TP degree, any ZeRO stage)."""
+    Reads one tensor at a time from the per-TP-rank weight files (any TP degree, any ZeRO stage); parts split
+    along dim 0 (the sharding table's dim for every sharded tensor today) are streamed without joining."""
     from tokenformer_dist.checkpoint import iter_weight_blocks
     from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
+    from tokenformer_dist.sharding import full_shape, join_parts, rule_for
 
     specs, params = [], 0
-    for name, blocks in iter_weight_blocks(ckpt):
-        shape = (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]) if blocks[0].ndim else ()
+    for name, parts in iter_weight_blocks(ckpt):
+        shape = full_shape(name, tuple(parts[0].shape), len(parts))
         specs.append((WEIGHT_PREFIX + name, shape, torch.float32))
         params += 0 if name.endswith(".tau") else math.prod(shape)
     writer = StreamingSafetensorsWriter(out_file, specs, metadata={"format": "pt"})
     try:
-        for name, blocks in iter_weight_blocks(ckpt):
-            writer.write(WEIGHT_PREFIX + name, [b.float() for b in blocks])
+        for name, parts in iter_weight_blocks(ckpt):
+            whole = parts if rule_for(name).dim in (0, None) else [join_parts(name, parts)]
+            writer.write(WEIGHT_PREFIX + name, [p.float() for p in whole])
         writer.close()
     except BaseException:
         writer.abort()

@@ -104,11 +104,16 @@ class Pattention(torch.nn.Module):
         self.tp_group: dist.ProcessGroup | None = None  # set by parallelize(); None: one device
         self.key_tokens = torch.nn.Parameter(torch.zeros(n_tokens, d_in))
         self.value_tokens = torch.nn.Parameter(torch.zeros(n_tokens, d_out))
-        self.register_buffer("tau", torch.tensor(math.sqrt(n_tokens) if tau is None else tau,
-                                                 dtype=torch.float32))
+        self.initial_tau = math.sqrt(n_tokens) if tau is None else float(tau)  # √n of the layer as built
+        self.register_buffer("tau", torch.tensor(self.initial_tau, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, self.tp_group, self.impl)
+
+    @torch.no_grad()
+    def reset_tau(self) -> None:
+        """τ back to its value at construction (after `to_empty`; a checkpoint's τ is loaded over it)."""
+        self.tau.fill_(self.initial_tau)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -1,6 +1,7 @@
 """Tensor parallelism for a plain TokenFormer, as one explicit step (as torchtitan's `parallelize`):
 
-    model = parallelize(TokenFormer(cfg, seed=...), tp_group)      # the trainer does this
+    model = parallelize(TokenFormer(cfg, seed=...), tp_group)
+    model = build_parallel_model(cfg, tp_group, seed=...)      # the same, never allocating the whole model
 
 Everything megatron-core lives here: its mappings (called with `group=`), `VocabParallelEmbedding`
 (`tp_group=`), its vocab-parallel cross-entropy arithmetic (on the explicit group) and the
@@ -31,6 +32,7 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from tokenformer_dist.config import ModelConfig
 from tokenformer_dist.model.mappings import TensorParallelRegions
 from tokenformer_dist.model.pattention import Pattention
 from tokenformer_dist.model.tokenformer import TokenFormer
@@ -105,8 +107,17 @@ def _keep_local_rows(model: torch.nn.Module, rank: int, size: int) -> None:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         local = torch.nn.Parameter(local_part(name, p.detach(), rank, size).clone(), requires_grad=p.requires_grad)
-        set_tensor_model_parallel_attributes(local, is_parallel=True, dim=rule.dim, stride=1)
         setattr(owner, attr, local)
+
+
+def mark_tp_attributes(model: torch.nn.Module) -> None:
+    """Set megatron's `tensor_model_parallel` / `partition_dim` attributes (what DeepSpeed's gradient norm
+    and megatron's helpers read) on every sharded parameter, from the sharding table. Parameters replaced
+    by `Module.to_empty` lose them, so this runs again after materializing."""
+    for name, p in model.named_parameters():
+        rule = rule_for(name)
+        if rule.dim is not None:
+            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=rule.dim, stride=1)
 
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -122,16 +133,41 @@ def parallelize(model: M, tp_group: dist.ProcessGroup) -> M:
     regions = MegatronRegions(tp_group)
     _keep_local_rows(model, regions.rank, regions.size)
     if isinstance(model, TokenFormer):
-        local = model.embedding.weight  # this rank's vocabulary rows, with their TP attributes
+        local = model.embedding.weight  # this rank's vocabulary rows
         mp_config = ModelParallelConfig(tensor_model_parallel_size=regions.size, use_cpu_initialization=True,
                                         perform_initialization=False, params_dtype=local.dtype)
         model.embedding = VocabParallelEmbedding(model.cfg.vocab_size, model.cfg.d_model,
                                                  init_method=torch.nn.init.zeros_, config=mp_config,
                                                  tp_group=tp_group)
         model.embedding.weight = local
+    mark_tp_attributes(model)
     for module in model.modules():
         if isinstance(getattr(module, "tp", None), TensorParallelRegions):
             module.tp = regions
         if isinstance(module, Pattention):
             module.tp_group = tp_group if regions.size > 1 else None
+    return model
+
+
+def build_parallel_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, *, seed: int = 1234,
+                         activation_checkpointing: bool = False, init_weights: bool = True,
+                         device: torch.device | str = "cpu") -> TokenFormer:
+    """`parallelize(TokenFormer(cfg, seed=seed), tp_group)` without ever allocating the whole model: built on
+    the meta device, sharded, then only this rank's parts are allocated on `device` and initialized (the same
+    master weights: each full tensor drawn per name, this rank's rows kept). `init_weights=False`: zeros,
+    for weights that are loaded next."""
+    with torch.device("meta"):
+        model = TokenFormer(cfg, seed=seed, activation_checkpointing=activation_checkpointing, init_weights=False)
+    parallelize(model, tp_group)
+    model.to_empty(device=device)
+    mark_tp_attributes(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Pattention):
+                module.reset_tau()
+        if init_weights:
+            model.init_weights(seed)
+        else:
+            for p in model.parameters():
+                p.zero_()
     return model
