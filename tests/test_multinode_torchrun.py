@@ -18,12 +18,13 @@ import pytest
 import yaml
 from megatron.core.parallel_state import RankGenerator
 
-from tests.dist import REPO, free_port
-from tests.dist_scripts.train_helpers import env, launch_runs, losses, train_argv, wait_for_step
+from tests.dist import REPO
+from tests.dist_scripts.train_helpers import env, launch_runs, losses, train_argv, wait_for_step, worker_pids
+from tokenformer_dist.net import free_port
 from tokenformer_dist.parallel import check_tp_within_node
 
-STEPS = 16
-SETS = {"train.save_every": 4, "train.keep_last": 2, "train.grad_clip": 0.05}
+STEPS = 40  # enough steps after the kill point that a loaded machine cannot finish before the kill
+SETS = {"train.save_every": 5, "train.keep_last": 2, "train.grad_clip": 0.05}
 
 
 def _agent(node_rank: int, endpoint: str, argv: list[str], log: Path) -> subprocess.Popen:
@@ -36,10 +37,17 @@ def _agent(node_rank: int, endpoint: str, argv: list[str], log: Path) -> subproc
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL one agent and its ranks (torchrun starts each rank in a session of its own)."""
+    ranks = list(worker_pids(proc.pid).values())
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> float:
@@ -49,7 +57,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> float:
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         proc.wait(10)
-        pytest.fail(f"agent {proc.args[6]} did not exit within {timeout:.0f} s")
+        pytest.fail(f"agent --node-rank {proc.args[8]} did not exit within {timeout:.0f} s")
     return time.monotonic() - t0
 
 
@@ -66,7 +74,7 @@ def test_two_agents_match_one_agent_and_survive_a_dead_node(sample_data: Path, t
     argv = train_argv(sample_data, run, STEPS, tp=2, zero=1, **SETS)
     a0, a1 = _two_agents(argv, tmp_path, "first")
     try:
-        wait_for_step(a0, run, 6)  # past the step-4 checkpoint
+        wait_for_step(a0, run, 6)  # past the step-5 checkpoint
         _kill_group(a1)  # node 1 dies: its agent and both of its ranks
         took = _wait(a0, 90)
     finally:
@@ -78,7 +86,7 @@ def test_two_agents_match_one_agent_and_survive_a_dead_node(sample_data: Path, t
     assert done < STEPS, "the run finished before node 1 was killed"
     latest = (run / "checkpoints" / "latest").read_text().strip()
     resumed_at = int(latest.split("_")[1])
-    assert 4 <= resumed_at <= done, (latest, done)
+    assert 5 <= resumed_at <= done, (latest, done)
 
     a0, a1 = _two_agents(argv, tmp_path, "rerun")
     try:

@@ -107,7 +107,7 @@ def _check_finished(run_dir: Path, steps: int) -> list[dict]:
     return records
 
 
-STEPS = 20  # ~0.2-0.3 s a step here: long enough to interrupt a running job twice
+STEPS = 30  # ~0.2-0.3 s a step idle: room to interrupt a running job twice (a signal acts within a few steps)
 
 
 @pytest.fixture(scope="module")
