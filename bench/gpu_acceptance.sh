@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_acceptance.sh            # after `bash bench/gpu_wheels.sh` (with network) filled .whl/
 #
-# 1. a venv on the machine's own python3 and torch (--system-site-packages), megatron-core, DeepSpeed,
+# 1. the machine's own python3 and torch; megatron-core, DeepSpeed,
 #    zarr, pytest, ... installed from .whl/ with pip --no-index (skipped when already importable);
 # 2. the GPU-marked tests (tests/test_gpu.py: NCCL world of 1; fp32 + bf16 train, resume, evaluate,
 #    expand; fp32 GPU loss == CPU loss within 1e-5);
