@@ -26,6 +26,7 @@ from data_prep import shards as shards_mod
 from data_prep import sources, tokenizer
 from data_prep.runners import MB, LocalRunner, RayRunner, log, make_runner
 from data_prep.sources import DataError
+from tokenformer_dist.atomic import atomic_write_bytes
 from tokenformer_dist.data import FORMAT
 
 FORMAT_VERSION = 1
@@ -176,7 +177,7 @@ def prepare_output(out: Path, args, fingerprint: str) -> bool:
     (out / ".build" / "parts").mkdir(parents=True, exist_ok=True)
     for stale in (out / ".build" / "parts").glob(".*.tmp"):
         stale.unlink()
-    tokenizer.write_atomic(out / ".build" / "state.json", json.dumps({"fingerprint": fingerprint}).encode())
+    atomic_write_bytes(out / ".build" / "state.json", json.dumps({"fingerprint": fingerprint}).encode())
     return False
 
 
@@ -280,7 +281,7 @@ def _tokenizer(st: BuildState, tok_given, block_bytes: int, max_doc_bytes: int, 
     if tok_given is not None:
         model_bytes, vocab, eod = tok_given
         if not tok_path.exists() or tok_path.read_bytes() != model_bytes:
-            tokenizer.write_atomic(tok_path, model_bytes)
+            atomic_write_bytes(tok_path, model_bytes)
         tok_info = {"trained": False, "source": str(Path(os.path.abspath(args.tokenizer)))}
     elif tok_path.exists() and tok_info_path.exists():  # resumed: trained before the kill
         model_bytes, vocab, eod = tokenizer.load(tok_path, args.vocab_size)
@@ -307,7 +308,7 @@ def _tokenizer(st: BuildState, tok_given, block_bytes: int, max_doc_bytes: int, 
         tokenizer.train(sample_path, build / "tokenizer.model.new", args.vocab_size, args.model_type)
         sample_path.unlink()
         tok_info = {"trained": True, "model_type": args.model_type, "sample": info}
-        tokenizer.write_atomic(tok_info_path, json.dumps(tok_info, sort_keys=True).encode())
+        atomic_write_bytes(tok_info_path, json.dumps(tok_info, sort_keys=True).encode())
         os.replace(build / "tokenizer.model.new", tok_path)
         model_bytes, vocab, eod = tokenizer.load(tok_path, args.vocab_size)
         log(f"tokenizer trained in {time.time() - tb:.1f} s")
@@ -485,7 +486,7 @@ def _assemble(st: BuildState, closer: threading.Thread) -> int:
             "task_cpu_seconds": round(st.task_cpu_seconds, 3),
         },
     }
-    tokenizer.write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     closer.join()
     shutil.rmtree(build, ignore_errors=True)
 

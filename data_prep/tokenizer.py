@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from data_prep.sources import DataError, Unit, clean_text, iter_unit_docs, utf8
+from tokenformer_dist.atomic import atomic_write_bytes
 
 # sentencepiece's unigram trainer gives different models for different thread counts; a fixed count
 # keeps the tokenizer (and so every shard) identical on every machine and for every --workers.
@@ -68,7 +67,7 @@ def train(sample_path: Path, out_path: Path, vocab_size: int, model_type: str) -
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         raise DataError(f"sentencepiece training failed (vocab {vocab_size}, {model_type}): {msg}") from None
-    write_atomic(out_path, _normalized(buf.getvalue()))
+    atomic_write_bytes(out_path, _normalized(buf.getvalue()))
 
 
 def _normalized(model: bytes) -> bytes:
@@ -102,24 +101,6 @@ def _train(spm, f, buf, vocab_size, model_type):
         pad_id=-1,
         minloglevel=2,
     )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load(path: Path, expect_vocab: int | None = None) -> tuple[bytes, int, int]:

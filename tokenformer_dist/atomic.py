@@ -30,12 +30,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` atomically, fsynced before the rename."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (parent directories created), fsynced before the rename."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically, fsynced before the rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextmanager

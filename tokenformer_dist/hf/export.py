@@ -22,14 +22,14 @@ import ast
 import importlib.util
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tokenformer_dist.atomic import atomic_dir
 
 PACKAGE = "tokenformer_dist"
 ENTRY_MODULES = ("tokenformer_dist.hf.configuration_tokenformer", "tokenformer_dist.hf.modeling_tokenformer",
@@ -171,11 +171,7 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
     if sp.vocab_size() > cfg.model.vocab_size:
         raise ValueError(f"{tok_path}: vocabulary {sp.vocab_size()} > the model's {cfg.model.vocab_size}")
     out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out}: output directory already exists; choose a new path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         params = write_full_weights(src, tmp / "model.safetensors")
         fields = {name: getattr(cfg.model, name) for name in MODEL_FIELDS}
         hf_cfg = TokenFormerConfig(eod_id=sp.eos_id(), **fields)
@@ -191,10 +187,6 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
             "unk_token": unk, "pad_token": eos, "model_max_length": cfg.model.seq_len,
             "clean_up_tokenization_spaces": False}, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(src, cfg, params, out.name))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
