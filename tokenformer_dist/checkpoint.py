@@ -79,6 +79,18 @@ def read_config(ckpt_dir: str | Path) -> Config:
     return load_config(resolve_checkpoint(ckpt_dir) / CONFIG)
 
 
+def open_checkpoint(path: str | Path, tp: int | None = None) -> tuple[Path, Config, int]:
+    """(checkpoint dir, its config, its TP degree) for a run dir, checkpoint or weights dir that is read at
+    tensor-parallel degree `tp` (None: the degree it was written at). A different degree is refused: the
+    per-rank files must be resharded first (tools/expand_tokens.py with --grow 1)."""
+    ckpt = resolve_checkpoint(path)
+    written = checkpoint_tp(ckpt)
+    if tp is not None and tp != written:
+        raise ValueError(f"{ckpt}: written at tp={written}, tp={tp} requested; reshard it first with "
+                         f"`python tools/expand_tokens.py --ckpt {path} --out DIR --tp {tp} --grow 1`")
+    return ckpt, read_config(ckpt), written
+
+
 def iter_weight_blocks(ckpt_dir: str | Path) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(name, row blocks) of every weight of a checkpoint or weights dir, one tensor at a time.
 

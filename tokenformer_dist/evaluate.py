@@ -79,7 +79,7 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenformer_dist.checkpoint import checkpoint_tp, read_config, resolve_checkpoint
+    from tokenformer_dist.checkpoint import open_checkpoint
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
     from tokenformer_dist.weights import load_weights
 
@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     args = parser.parse_args(argv)
     try:
-        ckpt = resolve_checkpoint(args.ckpt)
-        cfg = read_config(ckpt)
-        tp = args.tp or checkpoint_tp(ckpt)
-        if tp != checkpoint_tp(ckpt):
-            raise ValueError(f"{ckpt}: written at tp={checkpoint_tp(ckpt)}, --tp {tp} given; "
-                             f"evaluate at --tp {checkpoint_tp(ckpt)}")
+        ckpt, cfg, tp = open_checkpoint(args.ckpt, args.tp)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

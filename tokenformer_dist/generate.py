@@ -195,8 +195,7 @@ def _finish(info: object | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
-    from tokenformer_dist.weights import checkpoint_tp
+    from tokenformer_dist.checkpoint import open_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir")
@@ -217,12 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens <= 0:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be > 0")
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check()
-        ckpt = resolve_checkpoint(args.ckpt)
-        cfg = read_config(ckpt)
-        tp = args.tp or checkpoint_tp(ckpt)
-        if tp != checkpoint_tp(ckpt):
-            raise ValueError(f"{ckpt}: written at tp={checkpoint_tp(ckpt)}, --tp {tp} given; reshard with "
-                             f"`python tools/expand_tokens.py --ckpt {args.ckpt} --out DIR --tp {tp} --grow 1`")
+        ckpt, cfg, tp = open_checkpoint(args.ckpt, args.tp)
         tokenizer = Tokenizer(find_tokenizer(ckpt, cfg.data.path, args.tokenizer))
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"{tokenizer.path}: vocabulary {tokenizer.vocab_size} is larger than the model's "
