@@ -153,7 +153,7 @@ def test_tp_larger_than_a_node_is_refused_with_one_line(sample_data: Path, tmp_p
     monkeypatch.setenv("GROUP_RANK", "0")
     rc = main(train_argv(sample_data, tmp_path / "run", 1, tp=4))
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err == ("error: --tp 4 does not fit the 2 ranks per node: a TP group must stay inside one "
-                               "node; valid: a divisor of 2"), err
+    assert rc == 2 and err == ("error: parallel.tp (--tp) 4 does not fit the 2 ranks per node: a TP group must "
+                               "stay inside one node; valid: a divisor of 2"), err
     with pytest.raises(ValueError, match=r"rank 2 runs on node 0, not node 1: ranks must be placed node by node"):
         check_tp_within_node(2, 4, 2, node=0, rank=2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,9 @@ def test_cli_errors(tmp_path):
     (tmp_path / "o3").mkdir()
     (tmp_path / "o3" / "results.json").write_text("{}")
     proc = _cli("--data", nodata, "--out", str(tmp_path / "o3"), "--budget", "test")
-    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+    assert proc.returncode == 2 and "pass --resume to continue it, --overwrite" in proc.stderr
+    proc = _cli("--data", nodata, "--out", str(tmp_path / "o3"), "--budget", "test", "--resume", "--overwrite")
+    assert proc.returncode == 2 and "--resume and --overwrite: choose one" in proc.stderr
     assert not any((tmp_path / p).exists() for p in ("o1", "o2", "nodata"))
 
 
@@ -123,12 +126,13 @@ def test_compute_ratio_and_null_case():
     ladder = _curve((10.0, 4.0), (20.0, 3.5), (40.0, 2.5))  # crosses 3.0 at 30
     assert acc.compute_ratio(ladder, scratch) == pytest.approx(0.30, rel=1e-12)
     assert acc.compute_ratio(_curve((10.0, 4.0), (80.0, 3.01)), scratch) is None
-    assert acc.aggregate_ratio([0.3, None, 0.4]) is None  # one "never" makes the mean meaningless
-    agg = acc.aggregate_ratio([0.2, 0.3, 0.4])
+    assert acc.aggregate_or_null([0.3, None, 0.4]) is None  # one "never" makes the mean meaningless
+    agg = acc.aggregate_or_null([0.2, 0.3, 0.4])
     assert agg["mean"] == pytest.approx(0.3) and agg["per_seed"] == [0.2, 0.3, 0.4]
 
 
 def test_matched_gain_at_equal_compute():
+    assert acc.matched_gain_or_none(_curve((0.0, 4.0), (50.0, 3.0)), _curve((20.0, 3.9), (60.0, 3.1))) is None
     # control: 4.0 at 0 -> 3.0 at 100 (linear); treated ends at 60 FLOPs with 3.1; control there = 3.4
     control = _curve((0.0, 4.0), (100.0, 3.0))
     assert acc.matched_gain(control, _curve((20.0, 3.9), (60.0, 3.1))) == pytest.approx(0.3, rel=1e-12)
@@ -157,11 +161,12 @@ def test_mean_curve_on_common_grid():
     assert m["min"][0] == 4.0 and m["max"][0] == 6.0
 
 
-def _res(gain, regime_ok=True, ratio=None, ratios=(None, None, None)):
+def _res(gain, regime_ok=True, ratio=None, ratios=(None, None, None), over_scratch=None):
     return {"seeds": [1, 2, 3],
             "regime": {"ok": regime_ok, "scratch_final": 4.0, "small_same_tokens_final": 4.1},
             "growth_gain": acc.mean_ci95(gain), "exact_vs_official": acc.mean_ci95([0.1, 0.12, 0.11]),
-            "compute_ratio": ratio, "compute_ratio_per_seed": list(ratios)}
+            "compute_ratio": ratio, "compute_ratio_per_seed": list(ratios),
+            "gain_over_scratch": {"grow_exact": acc.aggregate_or_null(over_scratch or [None])}}
 
 
 def test_headline_says_what_the_data_says():
@@ -170,9 +175,16 @@ def test_headline_says_what_the_data_says():
     assert "growth did not beat the control measurably" in headline(_res([0.05, -0.04, 0.01]))
     assert "growth did not beat the control: " in headline(_res([-0.05, -0.06, -0.07]))
     assert "lossless growth beat the official recipe" in h
-    h = headline(_res([0.05, 0.06, 0.07], regime_ok=False, ratio=acc.aggregate_ratio([0.5, 0.6, 0.7]),
+    h = headline(_res([0.05, 0.06, 0.07], regime_ok=False, ratio=acc.aggregate_or_null([0.5, 0.6, 0.7]),
                       ratios=(0.5, 0.6, 0.7)))
     assert h.startswith("REGIME CHECK FAILED") and "compute_ratio 0.60" in h and "\n" not in h
+    # no clause where scratch spent less than the ladder (gain_over_scratch null)
+    assert "nats below scratch" not in h and "below grow_exact" not in h and "did not differ" not in h
+    assert "scratch was 0.070 nats below grow_exact" in headline(_res([0.0, 0.1, 0.2], over_scratch=[-0.06, -0.07,
+                                                                                                       -0.08]))
+    assert "grow_exact was 0.070 nats below scratch" in headline(_res([0.0, 0.1, 0.2], over_scratch=[0.06, 0.07,
+                                                                                                       0.08]))
+    assert "did not differ measurably" in headline(_res([0.0, 0.1, 0.2], over_scratch=[0.06, -0.07, 0.01]))
 
 
 def test_run_jobs_order_concurrency_and_failure():
@@ -305,3 +317,27 @@ def test_end_to_end_budget_test(sample_data, tmp_path):
         assert param_count(cfgs["scratch"][0].model) == param_count(cfgs[f"grow_exact/{names[-1]}"][0].model)
     assert (out / "progressive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*.tmp*"))
+
+    # --resume after an interruption that lost two runs and a growth: only those run again, and the training
+    # is deterministic, so every figure comes out the same
+    sd = out / f"seed{seeds[0]}"
+    for gone in (out / "results.json", sd / "no_growth", sd / "grow_official"):
+        shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
+    proc = _cli("--config", str(config), "--data", str(sample_data), "--out", str(out), "--budget", "test",
+                "--resume")
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert "--resume: 3 of 5 runs already finished" in proc.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in again["runs"] if r["reused"]] == [f"seed{seeds[0]}/{k}" for k in
+                                                                ("scratch", names[0], f"grow_exact/{names[1]}")]
+    for key in ("growth_gain", "growth_gain_official", "exact_vs_official", "regime", "compute_ratio_per_seed",
+                "gain_over_scratch"):
+        assert again[key] == res[key], key
+    assert again["arms"] == res["arms"]
+    # a different plan over the same --out is refused, naming the key, before anything runs
+    (tmp_path / "other").mkdir()
+    other = _write(tmp_path / "other", lambda r: r.update(stages=r["stages"][:2], lr=1e-3))
+    proc = _cli("--config", str(other), "--data", str(sample_data), "--out", str(out), "--budget", "test",
+                "--resume")
+    assert proc.returncode == 2 and "was trained with train.lr=0.003, this plan has 0.001" in proc.stderr, proc.stderr
+    assert (out / "results.json").is_file()

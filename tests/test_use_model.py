@@ -170,8 +170,7 @@ def test_export_matches_the_project_model(runs, exported, sample_data):
     tok = AutoTokenizer.from_pretrained(exported["untrained"], trust_remote_code=True)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     assert ids[0].tolist() == generate.Tokenizer(sample_data / "tokenizer.model").encode(PROMPT)
-    # generate() in a fresh interpreter, as a user runs it (transformers 5.24 diverged here at the second
-    # token while the logits above still agreed: the [hf] extra caps it, docs/use_model.md)
+    # generate() in a fresh interpreter, as a user runs it
     code = ("import json, sys, torch; from transformers import AutoModelForCausalLM as A; "
             "m = A.from_pretrained(sys.argv[1], trust_remote_code=True).eval(); ids = torch.tensor([json.loads("
             "sys.argv[2])]); print(json.dumps(m.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)"
@@ -182,6 +181,28 @@ def test_export_matches_the_project_model(runs, exported, sample_data):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == json.loads((runs / "gen_tp2.json").read_text())["tokens"]
     assert "trust_remote_code=True" in (folder / "README.md").read_text()
+
+
+def test_hf_generate_feeds_the_cache_back():
+    """Every step of HF generate() sees the KV cache of the steps before: its per-step logits equal one full
+    forward without a cache. (transformers 5.24 renamed `past_key_values` to `cache`; a model that read only the
+    old name got a fresh cache each step and went wrong from the second generated token, 2.8 logits off.)"""
+    from tokenformer_dist.hf.configuration_tokenformer import TokenFormerConfig
+    from tokenformer_dist.hf.modeling_tokenformer import TokenFormerForCausalLM
+
+    torch.manual_seed(0)
+    cfg = TokenFormerConfig(d_model=32, n_layers=2, n_heads=4, seq_len=64, vocab_size=97, qkv_tokens=8,
+                            proj_tokens=8, ffn_tokens=16, eod_id=96)
+    model = TokenFormerForCausalLM(cfg).eval()
+    for p in model.parameters():  # large random weights: a varied, non-repeating greedy sequence
+        torch.nn.init.normal_(p, std=0.5)
+    prompt = torch.tensor([[5, 17, 33, 2, 9, 60, 61, 3]])
+    out = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True)
+    assert len(set(out.sequences[0, prompt.shape[1]:].tolist())) > 2
+    with torch.no_grad():
+        full = model(out.sequences, use_cache=False).logits[0, prompt.shape[1] - 1:-1]
+    torch.testing.assert_close(torch.stack([step[0] for step in out.logits]), full, rtol=1e-4, atol=1e-4)
 
 
 def test_lm_eval_runs_and_training_helps(exported, sample_data, tmp_path, monkeypatch):

@@ -90,8 +90,8 @@ def check_tp_within_node(tp: int, world_size: int, ranks_per_node: int | None, n
     if ranks_per_node is None or ranks_per_node >= world_size:
         return  # one node
     if ranks_per_node % tp:
-        raise ValueError(f"--tp {tp} does not fit the {ranks_per_node} ranks per node: a TP group must stay "
-                         f"inside one node; valid: a divisor of {ranks_per_node}")
+        raise ValueError(f"parallel.tp (--tp) {tp} does not fit the {ranks_per_node} ranks per node: a TP group "
+                         f"must stay inside one node; valid: a divisor of {ranks_per_node}")
     if node is not None and rank is not None and rank // ranks_per_node != node:
         raise ValueError(f"rank {rank} runs on node {node}, not node {rank // ranks_per_node}: ranks must be "
                          "placed node by node (srun --distribution=block) for TP groups to stay inside a node")
@@ -182,7 +182,7 @@ def init_distributed(tp: int, timeout_minutes: float = 60.0, seed: int | None = 
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size % tp:
-        raise ValueError(f"--tp {tp} does not divide the world size {world_size}; valid: a divisor of it")
+        raise ValueError(f"parallel.tp (--tp) {tp} does not divide the world size {world_size}; valid: a divisor of it")
     check_tp_within_node(tp, world_size, *_node_layout(), rank=int(os.environ["RANK"]))
     check_gpu_environment()
     cuda = torch.cuda.is_available()

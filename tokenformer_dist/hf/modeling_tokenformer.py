@@ -16,6 +16,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from tokenformer_dist.hf.configuration_tokenformer import TokenFormerConfig
 from tokenformer_dist.model.tokenformer import TokenFormer
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache` (generate() passes
+# `cache=`); the model takes either name and returns the cache under whichever name this version's output has.
+CACHE_OUTPUT_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = TokenFormerConfig
@@ -35,8 +39,8 @@ class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.embedding
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Any = None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+                cache: Any = None, past_key_values: Any = None, use_cache: bool | None = None,
+                labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Causal LM forward. Right padding only (what lm-eval and single-prompt generate() use): a left-padded
         `attention_mask` is refused rather than silently giving other positions."""
         if attention_mask is not None and attention_mask.shape[-1] > 1:
@@ -44,10 +48,11 @@ class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
             if bool(left_pad):
                 raise ValueError("attention_mask has left padding; this model supports right padding only")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        logits = self.model(input_ids, cache=past_key_values if use_cache else None)
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        logits = self.model(input_ids, cache=cache if use_cache else None)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_OUTPUT_FIELD: cache if use_cache else None})

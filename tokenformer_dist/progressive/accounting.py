@@ -98,11 +98,16 @@ def compute_ratio(ladder_curve: Curve, scratch_curve: Curve) -> float | None:
 def matched_gain(control: Curve, treated: Curve) -> float:
     """control − treated val loss at the treated curve's final FLOPs (> 0: the treated arm is better at equal
     compute). The control must span that compute."""
-    at = treated[-1]["flops"]
-    ref = loss_at(control, at)
-    if ref is None:
-        raise ValueError(f"control curve ends at {control[-1]['flops']:.4g} FLOPs, before {at:.4g}")
-    return ref - treated[-1]["val_loss"]
+    gain = matched_gain_or_none(control, treated)
+    if gain is None:
+        raise ValueError(f"control curve ends at {control[-1]['flops']:.4g} FLOPs, before {treated[-1]['flops']:.4g}")
+    return gain
+
+
+def matched_gain_or_none(control: Curve, treated: Curve) -> float | None:
+    """matched_gain, or None where the control's curve does not span the treated arm's final FLOPs."""
+    ref = loss_at(control, treated[-1]["flops"])
+    return None if ref is None else ref - treated[-1]["val_loss"]
 
 
 def post_growth_bumps(stage_curves: Sequence[Curve]) -> list[float]:
@@ -125,9 +130,9 @@ def mean_ci95(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
 
 
-def aggregate_ratio(per_seed: Sequence[float | None]) -> dict[str, Any] | None:
-    """Mean and interval of per-seed compute ratios; None if any seed never reached the target (a "never"
-    cannot be averaged)."""
+def aggregate_or_null(per_seed: Sequence[float | None]) -> dict[str, Any] | None:
+    """Mean and interval of per-seed values (compute ratios, gains over scratch); None if any seed has none (a
+    "never reached" or "not comparable" cannot be averaged)."""
     if not per_seed or any(x is None for x in per_seed):
         return None
     return {**mean_ci95([x for x in per_seed if x is not None]), "per_seed": list(per_seed)}

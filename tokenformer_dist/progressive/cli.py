@@ -1,5 +1,5 @@
 """python tools/progressive_experiment.py [--data DIR] [--out DIR] [--budget full|small|test]
-    [--config configs/progressive_mini.yaml] [--overwrite]
+    [--config configs/progressive_mini.yaml] [--overwrite | --resume]
 
 Exit 2: bad ladder config or arguments (one line, nothing launched); 1: a run failed (its log's tail)."""
 
@@ -17,7 +17,7 @@ from typing import Any
 from tokenformer_dist.atomic import atomic_write_text
 from tokenformer_dist.config import ConfigError
 from tokenformer_dist.progressive import accounting as acc
-from tokenformer_dist.progressive.experiment import collect, execute, plan, run_record
+from tokenformer_dist.progressive.experiment import collect, execute, mark_reused, plan, run_record
 from tokenformer_dist.progressive.ladder import REPO, load_ladder
 from tokenformer_dist.progressive.report import headline, markdown, plot
 from tokenformer_dist.progressive.runner import StepFailed, build_dataset, say
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/progressive", help="output dir (default runs/progressive)")
     parser.add_argument("--budget", default="full", help="a budget of the ladder config (full, small, test)")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted experiment in --out: finished runs are kept, a run with a "
+                             "checkpoint continues from it (same --config and --budget needed)")
     args = parser.parse_args(argv)
     # SIGTERM (kill, Slurm) unwinds like Ctrl-C, so the runner terminates the subprocesses it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -51,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget not in ladder.budgets:
             raise ConfigError(f"--budget {args.budget!r}: valid budgets of {ladder.source}: "
                               f"{', '.join(ladder.budgets)}")
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise ConfigError(f"--out {out}: exists and is not empty; pass --overwrite or choose another --out")
+        if args.resume and args.overwrite:
+            raise ConfigError("--resume and --overwrite: choose one (continue --out, or delete it first)")
+        if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+            raise ConfigError(f"--out {out}: exists and is not empty; pass --resume to continue it, --overwrite to "
+                              "delete it, or choose another --out")
         data = Path(args.data) if args.data else REPO / ladder.data_path
         data = data.resolve()
         if data.exists() and not (data / "manifest.json").is_file():
@@ -72,15 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         manifest = _manifest(data)
         vocab = -(-int(manifest["vocab_size"]) // ladder.tp) * ladder.tp
         runs = plan(ladder, args.budget, out, str(data), vocab)
+        reused = mark_reused(runs) if args.resume else 0
         seeds = ladder.seeds(args.budget)
         per_seed = [r for r in runs if r.seed == seeds[0]]
         flops = {r.key.split("/", 1)[1]: r.flops for r in per_seed}
         say(f"progressive experiment, budget {args.budget!r}, seeds {seeds}, {len(runs)} trainer launches "
             f"({ladder.jobs} at a time, TP {ladder.tp}); per seed: " +
             ", ".join(f"{k} {r.cfg.train.steps} steps {f:.3g} FLOPs" for (k, f), r in
-                      zip(flops.items(), per_seed, strict=True)))
-        execute(runs, ladder)
+                      zip(flops.items(), per_seed, strict=True)) +
+            (f"; --resume: {reused} of {len(runs)} runs already finished" if args.resume else ""))
+        execute(runs, ladder, args.resume)
         res: dict[str, Any] = {"budget": args.budget, **collect(runs, ladder, args.budget)}
+    except ConfigError as e:  # --resume found a run of another config
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except StepFailed as e:
         print(e, file=sys.stderr)
         return 1
@@ -98,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "post_growth_bump": "first val loss of the grown stage - final val loss of the stage before"}
     res["wall_s"] = {"total": round(time.time() - t_start, 1),
                      "trainer_launches": round(sum(r.wall_s for r in runs), 1),
-                     "growth": round(sum(r.expand_s for r in runs), 1)}
+                     "growth": round(sum(r.expand_s for r in runs), 1),
+                     "runs_reused": reused}  # --resume: their times are those of the invocation that ran them
     res["headline"] = headline(res)
     plot(res, out / "progressive.png")
     atomic_write_text(out / "results.md", markdown(res))

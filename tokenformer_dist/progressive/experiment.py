@@ -5,12 +5,15 @@ Stage 1 is trained once per seed and shared by the three arms that start from it
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenformer_dist.config import Config, param_count
+from tokenformer_dist import checkpoint as ckpt_lib
+from tokenformer_dist.atomic import atomic_write_text
+from tokenformer_dist.config import Config, ConfigError, param_count
 from tokenformer_dist.progressive import accounting as acc
 from tokenformer_dist.progressive.ladder import GROW_ARMS, Ladder, resolve, run_overrides, scaled_steps, set_args
 from tokenformer_dist.progressive.runner import Job, expand, run_jobs, say, train
@@ -33,6 +36,7 @@ class Run:
     init: str | None = None        # exact | official
     wall_s: float = 0.0
     expand_s: float = 0.0
+    reused: bool = False  # --resume found it finished: neither grown nor trained again
 
     @property
     def flops(self) -> float:
@@ -75,18 +79,56 @@ def plan(ladder: Ladder, budget: str, out: Path, data: str, vocab: int) -> list[
     return runs
 
 
-def execute(runs: list[Run], ladder: Ladder) -> None:
-    """Launch every run (and the growth before it) through the tools' CLIs, `ladder.jobs` at a time."""
+WALL_FILE = "experiment_wall.json"  # a finished run's wall times, so that a resumed experiment still reports them
+
+
+def checkpoint_state(r: Run) -> str:
+    """For --resume: "done" if r.run_dir's latest checkpoint is this run's final step under exactly its planned
+    config, "partial" if it is an earlier step (the trainer resumes there), "none" without a checkpoint. A
+    checkpoint of another config raises ConfigError naming the first differing key."""
+    if ckpt_lib.latest_tag(r.run_dir) is None:
+        return "none"
+    ckpt = ckpt_lib.resolve_checkpoint(r.run_dir)
+    have, want = ckpt_lib.read_config(ckpt).to_dict(), r.cfg.to_dict()
+    for section, values in want.items():
+        for key, value in values.items():
+            if have.get(section, {}).get(key) != value:
+                raise ConfigError(f"--resume: {r.run_dir} was trained with {section}.{key}="
+                                  f"{have.get(section, {}).get(key)!r}, this plan has {value!r}; the same --config "
+                                  "and --budget are needed, or another --out")
+    return "done" if ckpt_lib.read_meta(ckpt)["step"] == r.cfg.train.steps else "partial"
+
+
+def mark_reused(runs: list[Run]) -> int:
+    """--resume: mark the runs already finished (their wall times read back); the number marked."""
+    for r in runs:
+        if checkpoint_state(r) == "done":
+            r.reused = True
+            wall = r.run_dir / WALL_FILE
+            if wall.is_file():
+                times = json.loads(wall.read_text())
+                r.wall_s, r.expand_s = times["wall_s"], times["expand_s"]
+    return sum(r.reused for r in runs)
+
+
+def execute(runs: list[Run], ladder: Ladder, resume: bool = False) -> None:
+    """Launch every run (and the growth before it) through the tools' CLIs, `ladder.jobs` at a time. With
+    `resume`, runs marked reused are skipped, a run with an earlier checkpoint continues from it (the trainer
+    resumes a run dir) and a growth whose output exists is not redone (the tool writes it atomically)."""
     by_dir = {r.run_dir: r for r in runs}
     total = sum(r.flops for r in runs)
 
     def job(r: Run) -> Job:
         def fn() -> None:
-            if r.grow_from is not None:
+            if r.reused:
+                return
+            if r.grow_from is not None and not (resume and r.init_from is not None and r.init_from.is_dir()):
                 assert r.init_from is not None and r.init is not None
                 r.expand_s = expand(r.grow_from, r.init_from, _tokens(r.cfg), ladder.tp, r.init,
                                     r.seed * 100 + r.stage_index, r.init_from.with_suffix(".log"))
-            r.wall_s = train(ladder.trainer_config, set_args(r.overrides), r.run_dir, ladder.tp, r.init_from, r.key)
+            r.wall_s = train(ladder.trainer_config, set_args(r.overrides), r.run_dir, ladder.tp, r.init_from, r.key,
+                             resume=resume)
+            atomic_write_text(r.run_dir / WALL_FILE, json.dumps({"wall_s": r.wall_s, "expand_s": r.expand_s}) + "\n")
         src = r.grow_from or r.init_from
         deps = [by_dir[src].key] if src is not None else []
         return Job(r.key, fn, deps, r.flops)
@@ -95,8 +137,10 @@ def execute(runs: list[Run], ladder: Ladder) -> None:
         r = next(r for r in runs if r.key == j.name)
         curve, _ = acc.read_curve(r.run_dir, r.cfg)
         eta = elapsed / done * (total - done) if done else 0.0
-        say(f"[{r.key}] {r.cfg.train.steps} steps, val loss {curve[-1]['val_loss']:.4f}, {r.wall_s:.0f} s"
-            f"{f' (+{r.expand_s:.0f} s growth)' if r.grow_from else ''}; {done / total:.0%} of the FLOPs done, "
+        took = "finished before (--resume)" if r.reused else f"{r.wall_s:.0f} s" + (
+            f" (+{r.expand_s:.0f} s growth)" if r.grow_from else "")
+        say(f"[{r.key}] {r.cfg.train.steps} steps, val loss {curve[-1]['val_loss']:.4f}, {took}; "
+            f"{done / total:.0%} of the FLOPs done, "
             f"elapsed {_hms(elapsed)}, ETA {_hms(eta)}")
 
     run_jobs([job(r) for r in runs], ladder.jobs, progress)
@@ -116,7 +160,7 @@ def run_record(r: Run) -> dict[str, Any]:
             "flops_per_token": acc.flops_per_step(r.cfg) / acc.tokens_per_step(r.cfg), "steps": r.cfg.train.steps,
             "train_tokens": r.cfg.train.steps * acc.tokens_per_step(r.cfg), "flops": r.flops, "lr": r.cfg.train.lr,
             "min_lr": r.cfg.train.min_lr, "warmup_frac": r.cfg.train.warmup_frac, "data_seed": r.cfg.data.seed,
-            "init": r.init, "wall_s": round(r.wall_s, 1), "expand_s": round(r.expand_s, 1)}
+            "init": r.init, "wall_s": round(r.wall_s, 1), "expand_s": round(r.expand_s, 1), "reused": r.reused}
 
 
 def collect(runs: list[Run], ladder: Ladder, budget: str) -> dict[str, Any]:
@@ -127,6 +171,7 @@ def collect(runs: list[Run], ladder: Ladder, budget: str) -> dict[str, Any]:
     for a in GROW_ARMS:
         arms[a]["post_growth_bump"] = []
     regime_pairs, ratios, gains, gains_off, exact_vs_off = [], [], [], [], []
+    over_scratch: dict[str, list[float | None]] = {a: [] for a in ("no_growth", *GROW_ARMS)}
     growth_flops: list[float] = []
     for seed in seeds:
         mine = {(r.arm, r.stage): r for r in runs if r.seed == seed}
@@ -163,6 +208,8 @@ def collect(runs: list[Run], ladder: Ladder, budget: str) -> dict[str, Any]:
         gains.append(acc.matched_gain(curves["no_growth"], curves["grow_exact"]))
         gains_off.append(acc.matched_gain(curves["no_growth"], curves["grow_official"]))
         exact_vs_off.append(curves["grow_official"][-1]["val_loss"] - curves["grow_exact"][-1]["val_loss"])
+        for a, per_seed in over_scratch.items():
+            per_seed.append(acc.matched_gain_or_none(curves["scratch"], curves[a]))
     sc_mean = sum(p[0] for p in regime_pairs) / len(regime_pairs)
     small_mean = sum(p[1] for p in regime_pairs) / len(regime_pairs)
     regime = {"scratch_final": sc_mean, "small_same_tokens_final": small_mean,
@@ -175,5 +222,9 @@ def collect(runs: list[Run], ladder: Ladder, budget: str) -> dict[str, Any]:
             "growth_gain": {**acc.mean_ci95(gains), "per_seed": gains},
             "growth_gain_official": {**acc.mean_ci95(gains_off), "per_seed": gains_off},
             "exact_vs_official": {**acc.mean_ci95(exact_vs_off), "per_seed": exact_vs_off},
-            "compute_ratio": acc.aggregate_ratio(ratios), "compute_ratio_per_seed": ratios,
+            "compute_ratio": acc.aggregate_or_null(ratios), "compute_ratio_per_seed": ratios,
+            # scratch's val loss where its curve reaches the arm's final FLOPs − the arm's final (> 0: the arm is
+            # better at equal compute); null where scratch spent less. Scratch is mid-schedule there (its LR not
+            # yet decayed), which favours the arm.
+            "gain_over_scratch": {a: acc.aggregate_or_null(v) for a, v in over_scratch.items()},
             "growth_flops": growth_flops}

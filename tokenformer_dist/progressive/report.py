@@ -55,6 +55,13 @@ def headline(res: dict[str, Any]) -> str:
     parts.append(("lossless growth beat the official recipe" if ve > 0 else "the official recipe beat lossless growth"
                   if ve < 0 else "lossless vs official growth: no measurable difference") +
                  f" (official − exact final val loss {_ci(ex)})")
+    vs = res["gain_over_scratch"]["grow_exact"]
+    if vs is not None:
+        v = _verdict(vs)
+        parts.append("at the ladder's final compute " + (
+            f"grow_exact was {vs['mean']:.3f} nats below scratch" if v > 0 else
+            f"scratch was {-vs['mean']:.3f} nats below grow_exact" if v < 0 else
+            "grow_exact and scratch did not differ measurably") + f" (gain over scratch {_ci(vs)})")
     cr = res["compute_ratio"]
     if cr is None:
         never = sum(x is None for x in res["compute_ratio_per_seed"])
@@ -109,8 +116,14 @@ def markdown(res: dict[str, Any]) -> str:
               (_ci(cr, ".3f") if cr is not None else "null (never reached in " +
                f"{sum(x is None for x in res['compute_ratio_per_seed'])} of {len(res['seeds'])} seeds)") +
               f"; per seed {res['compute_ratio_per_seed']}.",
+              "- gain over scratch (scratch's val loss at the arm's final FLOPs − the arm's final; scratch is "
+              "mid-schedule there, its LR not yet decayed, which favours the arm): " +
+              "; ".join(f"{a} " + (_ci(v, "+.4f") if v is not None else "null (scratch spent less)")
+                        for a, v in res["gain_over_scratch"].items()) + ".",
               "- post-growth bump = the grown stage's first val loss − the previous stage's final val loss.",
-              f"- wall time {res['wall_s']['total']:.0f} s.", ""]
+              f"- wall time {res['wall_s']['total']:.0f} s" + (
+                  f" (this invocation; --resume reused {res['wall_s']['runs_reused']} finished runs)"
+                  if res["wall_s"].get("runs_reused") else "") + ".", ""]
     return "\n".join(lines)
 
 

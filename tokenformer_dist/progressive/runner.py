@@ -49,12 +49,13 @@ def say(line: str) -> None:
         print(line, flush=True)
 
 
-def run_logged(cmd: list[str], log: Path, what: str, echo: re.Pattern | None = None, prefix: str = "") -> float:
-    """Run cmd with stdout+stderr to `log` (lines matching `echo` also printed); its wall time. StepFailed with
-    the log's tail if it exits non-zero."""
+def run_logged(cmd: list[str], log: Path, what: str, echo: re.Pattern | None = None, prefix: str = "",
+               append: bool = False) -> float:
+    """Run cmd with stdout+stderr to `log` (appended to with `append`; lines matching `echo` also printed); its
+    wall time. StepFailed with the log's tail if it exits non-zero."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with log.open("w") as f:
+    with log.open("a" if append else "w") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -76,9 +77,11 @@ def run_logged(cmd: list[str], log: Path, what: str, echo: re.Pattern | None = N
     return time.time() - t0
 
 
-def train(config: Path, overrides: list[str], run_dir: Path, tp: int, init_from: Path | None, label: str) -> float:
-    """One torchrun launch of the trainer through its CLI; returns its wall time."""
-    run_dir.mkdir(parents=True)
+def train(config: Path, overrides: list[str], run_dir: Path, tp: int, init_from: Path | None, label: str,
+          resume: bool = False) -> float:
+    """One torchrun launch of the trainer through its CLI; returns its wall time. With `resume` the run dir may
+    exist: the trainer continues from its latest checkpoint (and its log is appended to)."""
+    run_dir.mkdir(parents=True, exist_ok=resume)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_port",
            str(free_port()), "-m", "tokenformer_dist.train", "--config", str(config), "--run-dir", str(run_dir),
            "--tp", str(tp)]
@@ -86,7 +89,7 @@ def train(config: Path, overrides: list[str], run_dir: Path, tp: int, init_from:
         cmd += ["--set", kv]
     if init_from is not None:
         cmd += ["--init-from", str(init_from)]
-    return run_logged(cmd, run_dir / "train.log", f"training {label}")
+    return run_logged(cmd, run_dir / "train.log", f"training {label}", append=resume)
 
 
 def expand(src_run: Path, dst: Path, tokens: dict[str, int], tp: int, init: str, seed: int, log: Path) -> float:
