@@ -116,7 +116,7 @@ def execute(runs: list[Run], ladder: Ladder, resume: bool = False) -> None:
     `resume`, runs marked reused are skipped, a run with an earlier checkpoint continues from it (the trainer
     resumes a run dir) and a growth whose output exists is not redone (the tool writes it atomically)."""
     by_dir = {r.run_dir: r for r in runs}
-    total = sum(r.flops for r in runs)
+    total = sum(r.flops for r in runs if not r.reused)  # progress and ETA count what this invocation runs
 
     def job(r: Run) -> Job:
         def fn() -> None:
@@ -131,17 +131,18 @@ def execute(runs: list[Run], ladder: Ladder, resume: bool = False) -> None:
             atomic_write_text(r.run_dir / WALL_FILE, json.dumps({"wall_s": r.wall_s, "expand_s": r.expand_s}) + "\n")
         src = r.grow_from or r.init_from
         deps = [by_dir[src].key] if src is not None else []
-        return Job(r.key, fn, deps, r.flops)
+        return Job(r.key, fn, deps, 0.0 if r.reused else r.flops)
 
     def progress(j: Job, done: float, elapsed: float) -> None:
         r = next(r for r in runs if r.key == j.name)
         curve, _ = acc.read_curve(r.run_dir, r.cfg)
-        eta = elapsed / done * (total - done) if done else 0.0
+        eta = _hms(elapsed / done * (total - done)) if done else "?" if total else "0:00"
+        share = f"{done / total:.0%}" if total else "100%"
         took = "finished before (--resume)" if r.reused else f"{r.wall_s:.0f} s" + (
             f" (+{r.expand_s:.0f} s growth)" if r.grow_from else "")
         say(f"[{r.key}] {r.cfg.train.steps} steps, val loss {curve[-1]['val_loss']:.4f}, {took}; "
-            f"{done / total:.0%} of the FLOPs done, "
-            f"elapsed {_hms(elapsed)}, ETA {_hms(eta)}")
+            f"{share} of the FLOPs to run done, "
+            f"elapsed {_hms(elapsed)}, ETA {eta}")
 
     run_jobs([job(r) for r in runs], ladder.jobs, progress)
 
