@@ -2,8 +2,8 @@
 a tiny job through `sbatch --nodes=2 slurm/pretrain_124m.sh` (2 CPU tasks per node, TP 2 inside a node,
 DP 2 across), the same job requeued twice (by `scontrol requeue`, and by its own script on the time-limit
 signal) resuming from its checkpoint each time with the same losses, slurm/progressive.sh chaining two
-stages on two nodes, and Slurm's host-list expansion against `scontrol show hostnames`. Skipped (reason
-printed) where Slurm is not installed or its daemons cannot start.
+growths and two training stages on two nodes, and Slurm's host-list expansion against `scontrol show
+hostnames`. Skipped (reason printed) where Slurm is not installed or its daemons cannot start.
 """
 
 from __future__ import annotations
@@ -225,36 +225,49 @@ def test_progressive_submits_the_ladder_as_an_afterok_chain(cluster: SlurmCluste
         subprocess.run(["scancel", *map(str, jobs.values())], env=cluster.env, timeout=30)
 
 
-def test_progressive_stage_expands_and_trains_from_the_previous_stage(cluster: SlurmCluster, data_dir: Path,
-                                                                     tiny_run: dict, tmp_path: Path) -> None:
-    """One real step of the ladder on the tiny model: the finished two-node tiny run plays stage 124m; the
-    chain runs the expand job (tools/expand_tokens.py: more tokens, exact init) and then stage 354m with
-    INIT_FROM on two nodes, which starts from the trained weights (its first loss is far below a fresh
-    model's)."""
+def test_progressive_chain_grows_and_trains_two_stages(cluster: SlurmCluster, data_dir: Path, tiny_run: dict,
+                                                       tmp_path: Path) -> None:
+    """Two real steps of the ladder on the tiny model: the finished two-node tiny run plays stage 124m; the
+    chain runs expand -> 354m -> expand -> 757m (tools/expand_tokens.py: more tokens, exact init; each stage
+    with INIT_FROM on two nodes). Each stage starts from the one before: each growth's manifest names the
+    previous stage's final checkpoint, and each stage's first loss is far below a fresh model's."""
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "owt_124m").symlink_to(tiny_run["run_dir"])
-    grown = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    grown["model"].update(qkv_tokens=96, proj_tokens=96, ffn_tokens=384)
-    (tmp_path / "grown.yaml").write_text(yaml.safe_dump(grown))
-    env = {"RUN_ROOT": str(runs), "FROM_STAGE": "354m", "TO_STAGE": "354m",
-           "CONFIG_354M": str(tmp_path / "grown.yaml"), "DATA": str(data_dir), "PYTHON": sys.executable,
-           "NODES": "2", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2", "TIME": "30",
+    env = {"RUN_ROOT": str(runs), "FROM_STAGE": "354m", "TO_STAGE": "757m", "DATA": str(data_dir),
+           "PYTHON": sys.executable, "NODES": "2", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2", "TIME": "30",
            "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out", "EXPAND_ARGS": "--no-progress",
            "EXPAND_SBATCH_ARGS": "--cpus-per-task=2"}
+    tokens = {"354m": 96, "757m": 128}
+    for stage, qkv in tokens.items():
+        grown = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+        grown["model"].update(qkv_tokens=qkv, proj_tokens=qkv, ffn_tokens=4 * qkv)
+        (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(grown))
+        env[f"CONFIG_{stage.upper()}"] = str(tmp_path / f"{stage}.yaml")
     steps = 3
     jobs = _progressive(cluster, env, "--steps", str(steps), *TINY)
-    assert list(jobs) == ["expand->354m", "354m"], jobs
-    out = tmp_path / f"tf-354m-{jobs['354m']}.out"
-    info = cluster.wait_job(jobs["354m"], ["COMPLETED"], timeout=180, output=out)
+    assert list(jobs) == ["expand->354m", "354m", "expand->757m", "757m"], jobs
+    assert cluster.job(jobs["757m"])["Dependency"].startswith(f"afterok:{jobs['expand->757m']}")
+    out = {stage: tmp_path / f"tf-{stage}-{jobs[stage]}.out" for stage in tokens}
+    info = cluster.wait_job(jobs["757m"], ["COMPLETED"], timeout=300, output=out["757m"])
     assert info["ExitCode"] == "0:0", info
-    init = runs / "owt_354m.init"
-    assert yaml.safe_load((init / "config.yaml").read_text())["model"]["qkv_tokens"] == 96
-    assert f"--init-from {init}" in out.read_text()
-    assert "4 ranks (2 node(s) x 2, GPUs/node 0)" in out.read_text()
-    records = _check_finished(runs / "owt_354m", steps)
     fresh_first = _metrics(tiny_run["run_dir"])[0]["loss"]
-    assert records[0]["loss"] < fresh_first - 1.0, (records[0]["loss"], fresh_first)
+    previous, old_qkv = Path(tiny_run["run_dir"]).resolve(), 64
+    for stage, qkv in tokens.items():
+        init = runs / f"owt_{stage}.init"
+        manifest = json.loads((init / "manifest.json").read_text())
+        assert Path(manifest["source"]) == previous / "checkpoints" / f"step_{_last_step(previous):08d}", manifest
+        assert (manifest["old_tokens"]["qkv"], manifest["new_tokens"]["qkv"], manifest["init"]) == (old_qkv, qkv,
+                                                                                                   "exact")
+        log = out[stage].read_text()
+        assert f"--init-from {init}" in log and "4 ranks (2 node(s) x 2, GPUs/node 0)" in log
+        records = _check_finished(runs / f"owt_{stage}", steps)
+        assert records[0]["loss"] < fresh_first - 1.0, (stage, records[0]["loss"], fresh_first)
+        previous, old_qkv = (runs / f"owt_{stage}").resolve(), qkv
+
+
+def _last_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
 
 
 HOSTLISTS = ["node[01-04]", "a[1-2],b3", "gpu-[7-9,10-11]", "rack[1-2]-n[08-10]", "x1,y[001-002],z",
