@@ -123,10 +123,6 @@ def _full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
     return (p.detach() if full is None else full).float()
 
 
-def _barrier() -> None:
-    comm.barrier()
-
-
 def rng_state() -> dict[str, torch.Tensor]:
     """torch's CPU generator; on GPU also this device's generator and megatron's CUDA RNG tracker states."""
     state = {"cpu": torch.get_rng_state()}
@@ -161,7 +157,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
         root.mkdir(parents=True, exist_ok=True)
         for stale in (partial, final):
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    comm.barrier()
     engine.save_checkpoint(str(root), tag=partial.name,
                            client_state={"universal_checkpoint_info": universal_checkpoint_info(
                                cfg.model.vocab_size)}, save_latest=False)
@@ -175,7 +171,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
             save_file({k: v.detach().to("cpu").contiguous() for k, v in ordered.items()}, str(tmp))
     save_file(rng_state(), str(partial / f"rng_rank{info.rank:04d}.safetensors"))
     _fault_point("save", step, info.rank)
-    _barrier()
+    comm.barrier()
     if info.is_main:
         (partial / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         meta = {"step": step, "tp": info.tp_size, "dp": info.dp_size, "world_size": info.world_size,
@@ -184,7 +180,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
         os.replace(partial, final)
         atomic_write_text(root / LATEST, tag + "\n")
         _prune(root, keep_last, keep=tag)
-    _barrier()
+    comm.barrier()
     return final
 
 
@@ -224,7 +220,7 @@ def ensure_universal(ckpt_dir: Path, info: Any) -> Path:
     out = ckpt_dir / UNIVERSAL
     if info.is_main and not out.is_dir():
         convert_to_universal(ckpt_dir, out)
-    _barrier()
+    comm.barrier()
     return out
 
 

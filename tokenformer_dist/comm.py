@@ -34,21 +34,22 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    t = tensor.to(_device)
+    if is_distributed():
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum over `group` (the world by default). Returns a tensor on the compute device (a new one when
     the input lived elsewhere; the input itself is reduced in place when it is already there)."""
-    t = tensor.to(_device)
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+    return _all_reduce(tensor, dist.ReduceOp.SUM, group)
 
 
 def all_reduce_max(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Element-wise max over `group`; same device rule as all_reduce_sum."""
-    t = tensor.to(_device)
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t
+    return _all_reduce(tensor, dist.ReduceOp.MAX, group)
 
 
 def any_rank(flag: bool | torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -178,16 +178,11 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{src}: {key} must be > 0, got {value}")
-    if m.norm not in NORMALIZATIONS:
-        raise ConfigError(f"{src}: model.norm must be one of {', '.join(NORMALIZATIONS)}, got {m.norm!r}")
-    if m.pattention_impl not in PATTENTION_IMPLS:
-        raise ConfigError(f"{src}: model.pattention_impl must be one of {', '.join(PATTENTION_IMPLS)}, "
-                          f"got {m.pattention_impl!r}")
-    if p.dtype not in DTYPES:
-        raise ConfigError(f"{src}: parallel.dtype must be one of {', '.join(DTYPES)}, got {p.dtype!r}")
-    if p.grad_reduce_dtype not in REDUCE_DTYPES:
-        raise ConfigError(f"{src}: parallel.grad_reduce_dtype must be one of {', '.join(REDUCE_DTYPES)}, "
-                          f"got {p.grad_reduce_dtype!r}")
+    choices = {"model.norm": (m.norm, NORMALIZATIONS), "model.pattention_impl": (m.pattention_impl, PATTENTION_IMPLS),
+               "parallel.dtype": (p.dtype, DTYPES), "parallel.grad_reduce_dtype": (p.grad_reduce_dtype, REDUCE_DTYPES)}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{src}: {key} must be one of {', '.join(valid)}, got {value!r}")
     if cfg.data.prefetch_batches < 0:
         raise ConfigError(f"{src}: data.prefetch_batches must be >= 0, got {cfg.data.prefetch_batches}")
     if p.zero_stage not in (0, 1, 2, 3):

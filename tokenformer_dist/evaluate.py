@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
@@ -42,9 +41,10 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
         n = min(n, max_batches * micro_batch)
     if n <= 0:
         raise ValueError(f"{data_dir}: split {split!r} has no window of {seq_len + 1} tokens")
-    dp = parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1
-    dp_rank = parallel_state.get_data_parallel_rank() if dist.is_initialized() else 0
-    tp = parallel_state.get_tensor_model_parallel_world_size() if dist.is_initialized() else 1
+    distributed = comm.is_distributed()
+    dp = parallel_state.get_data_parallel_world_size() if distributed else 1
+    dp_rank = parallel_state.get_data_parallel_rank() if distributed else 0
+    tp = parallel_state.get_tensor_model_parallel_world_size() if distributed else 1
     n_heads = getattr(getattr(model, "cfg", None), "n_heads", 1)
     mine = list(range(dp_rank, n, dp))
     # every rank of a TP group must run the same number of batches of the same size
@@ -71,7 +71,7 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
             count += real * seq_len
     model.train(was_training)
     totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
-    if dist.is_initialized() and dp > 1:
+    if dp > 1:
         totals = comm.all_reduce_sum(totals, group=parallel_state.get_data_parallel_group())
     loss_total, tokens = totals.tolist()
     loss = loss_total / tokens

@@ -203,7 +203,7 @@ def init_distributed(tp: int, timeout_minutes: float = 60.0, seed: int | None = 
         )
     if seed is not None:
         seed_all(seed)
-    return current_info(device, dist.get_backend())
+    return current_info()
 
 
 def seed_all(seed: int) -> None:
@@ -215,7 +215,7 @@ def seed_all(seed: int) -> None:
         model_parallel_cuda_manual_seed(seed)
 
 
-def current_info(device: torch.device | None = None, backend: str | None = None) -> DistInfo:
+def current_info() -> DistInfo:
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -224,8 +224,8 @@ def current_info(device: torch.device | None = None, backend: str | None = None)
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        device=device or comm.device(),
-        backend=backend or dist.get_backend(),
+        device=comm.device(),
+        backend=dist.get_backend(),
     )
 
 

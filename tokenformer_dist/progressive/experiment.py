@@ -82,12 +82,12 @@ def plan(ladder: Ladder, budget: str, out: Path, data: str, vocab: int) -> list[
 WALL_FILE = "experiment_wall.json"  # a finished run's wall times, so that a resumed experiment still reports them
 
 
-def checkpoint_state(r: Run) -> str:
-    """For --resume: "done" if r.run_dir's latest checkpoint is this run's final step under exactly its planned
-    config, "partial" if it is an earlier step (the trainer resumes there), "none" without a checkpoint. A
-    checkpoint of another config raises ConfigError naming the first differing key."""
+def finished(r: Run) -> bool:
+    """For --resume: whether r.run_dir's latest checkpoint is this run's final step. A checkpoint of another
+    config than the planned one raises ConfigError naming the first differing key (an earlier step of the same
+    config is not finished: the trainer resumes there)."""
     if ckpt_lib.latest_tag(r.run_dir) is None:
-        return "none"
+        return False
     ckpt = ckpt_lib.resolve_checkpoint(r.run_dir)
     have, want = ckpt_lib.read_config(ckpt).to_dict(), r.cfg.to_dict()
     for section, values in want.items():
@@ -96,13 +96,13 @@ def checkpoint_state(r: Run) -> str:
                 raise ConfigError(f"--resume: {r.run_dir} was trained with {section}.{key}="
                                   f"{have.get(section, {}).get(key)!r}, this plan has {value!r}; the same --config "
                                   "and --budget are needed, or another --out")
-    return "done" if ckpt_lib.read_meta(ckpt)["step"] == r.cfg.train.steps else "partial"
+    return ckpt_lib.read_meta(ckpt)["step"] == r.cfg.train.steps
 
 
 def mark_reused(runs: list[Run]) -> int:
     """--resume: mark the runs already finished (their wall times read back); the number marked."""
     for r in runs:
-        if checkpoint_state(r) == "done":
+        if finished(r):
             r.reused = True
             wall = r.run_dir / WALL_FILE
             if wall.is_file():
