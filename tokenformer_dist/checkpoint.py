@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenformer_dist import comm
 from tokenformer_dist.atomic import atomic_path, atomic_write_text
-from tokenformer_dist.config import Config, load_config
+from tokenformer_dist.config import Config, config_yaml, load_config
 from tokenformer_dist.sharding import is_tp_sharded, join_parts, universal_checkpoint_info
 from tokenformer_dist.weights import CONFIG, META, checkpoint_tp, is_weights_dir, rank_file
 
@@ -173,7 +172,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
     _fault_point("save", step, info.rank)
     comm.barrier()
     if info.is_main:
-        (partial / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (partial / CONFIG).write_text(config_yaml(cfg))
         meta = {"step": step, "tp": info.tp_size, "dp": info.dp_size, "world_size": info.world_size,
                 "zero_stage": cfg.parallel.zero_stage, **meta_extra}
         atomic_write_text(partial / META, json.dumps(meta, indent=1))

@@ -222,6 +222,12 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, in field order: what every checkpoint and weights dir saves, and what
+    load_config reads back."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), tp: int | None = None) -> Config:
     """Read a YAML config, apply `--set` overrides (and a --tp flag), validate, and return it."""
     source = str(path) if path is not None else "<defaults>"
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    print(config_yaml(cfg).rstrip())
     print(f"non_embedding_parameters: {non_embedding_param_count(cfg.model)}")
     print(f"parameters: {param_count(cfg.model)}")
     return 0

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from tokenformer_dist.atomic import atomic_dir
 from tokenformer_dist.checkpoint import checkpoint_tp, iter_weight_blocks, read_config, resolve_checkpoint
-from tokenformer_dist.config import Config, validate
+from tokenformer_dist.config import Config, config_yaml, validate
 from tokenformer_dist.expand_optimizer import check_source, expand_optimizer_state
 from tokenformer_dist.growth import Growth
 from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
@@ -135,7 +134,7 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
             }
             if keep_optimizer:
                 expand_optimizer_state(src_dir, tmp, growth, target, tp)
-            (tmp / CONFIG).write_text(yaml.safe_dump(target.to_dict(), sort_keys=False))
+            (tmp / CONFIG).write_text(config_yaml(target))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return manifest
     except BaseException:

@@ -21,10 +21,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from tokenformer_dist.checkpoint import LATEST, META, UNIVERSAL, convert_to_universal, read_meta, tag_for
-from tokenformer_dist.config import Config, ConfigError
+from tokenformer_dist.config import Config, ConfigError, config_yaml
 from tokenformer_dist.growth import Growth
 from tokenformer_dist.weights import CONFIG, rank_file
 
@@ -90,7 +89,7 @@ def expand_optimizer_state(src_dir: Path, out: Path, growth: Growth, target: Con
         shutil.rmtree(scratch)
     for r in range(tp):
         os.link(rank_file(out, r), rank_file(ckpt, r))  # the grown weights (and τ), shared with the weights dir
-    (ckpt / CONFIG).write_text(yaml.safe_dump(target.to_dict(), sort_keys=False))
+    (ckpt / CONFIG).write_text(config_yaml(target))
     # dp 0 matches no run's DP size, so the trainer always loads this checkpoint through universal loading.
     meta = {**meta, "tp": tp, "dp": 0, "expanded_from": str(src_dir.resolve())}
     (ckpt / META).write_text(json.dumps(meta, indent=1))

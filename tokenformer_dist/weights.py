@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import safe_open
 
 from tokenformer_dist.atomic import atomic_dir
-from tokenformer_dist.config import Config
+from tokenformer_dist.config import Config, config_yaml
 from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
 from tokenformer_dist.sharding import local_part
 
@@ -90,7 +89,7 @@ def write_sharded_weights(out_dir: str | Path, config: Config,
                 for name, part in parts:
                     writers[r].write(name, part)
                 writers[r].close()
-            (tmp / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            (tmp / CONFIG).write_text(config_yaml(config))
             manifest = {"format": FORMAT, "tp": tp, **(manifest_extra or {})}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except BaseException:
