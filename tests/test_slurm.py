@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.slurm_cluster import SlurmCluster
+from tokenformer_dist.checkpoint import resolve_checkpoint
 from tokenformer_dist.parallel import expand_hostlist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +257,7 @@ def test_progressive_chain_grows_and_trains_two_stages(cluster: SlurmCluster, da
     for stage, qkv in tokens.items():
         init = runs / f"owt_{stage}.init"
         manifest = json.loads((init / "manifest.json").read_text())
-        assert Path(manifest["source"]) == previous / "checkpoints" / f"step_{_last_step(previous):08d}", manifest
+        assert Path(manifest["source"]) == resolve_checkpoint(previous), manifest
         assert (manifest["old_tokens"]["qkv"], manifest["new_tokens"]["qkv"], manifest["init"]) == (old_qkv, qkv,
                                                                                                    "exact")
         log = out[stage].read_text()
@@ -264,10 +265,6 @@ def test_progressive_chain_grows_and_trains_two_stages(cluster: SlurmCluster, da
         records = _check_finished(runs / f"owt_{stage}", steps)
         assert records[0]["loss"] < fresh_first - 1.0, (stage, records[0]["loss"], fresh_first)
         previous, old_qkv = (runs / f"owt_{stage}").resolve(), qkv
-
-
-def _last_step(run_dir: Path) -> int:
-    return int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
 
 
 HOSTLISTS = ["node[01-04]", "a[1-2],b3", "gpu-[7-9,10-11]", "rack[1-2]-n[08-10]", "x1,y[001-002],z",

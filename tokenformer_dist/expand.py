@@ -27,7 +27,7 @@ from tokenformer_dist.config import Config, config_yaml, validate
 from tokenformer_dist.expand_optimizer import check_source, expand_optimizer_state
 from tokenformer_dist.growth import Growth
 from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
-from tokenformer_dist.sharding import full_shape, local_shape, rule_for, shard_range
+from tokenformer_dist.sharding import full_shape, is_tp_sharded, local_shape, shard_range
 from tokenformer_dist.weights import CONFIG, FORMAT, MANIFEST, rank_file
 
 T = TypeVar("T")
@@ -113,7 +113,7 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
                         yield name, [b.float() for b in growth.grow(name, blocks)]
 
                 for name, grown in prefetch(read_and_grow()):
-                    sharded = rule_for(name).dim is not None
+                    sharded = is_tp_sharded(name)
                     n_rows = sum(b.shape[0] for b in grown) if grown[0].ndim else 0
                     for r, writer in enumerate(writers):
                         writer.write(name, rows_of(grown, shard_range(n_rows, r, tp)) if sharded else grown[0])

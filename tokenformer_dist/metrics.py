@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tokenformer_dist.atomic import atomic_write_text
 from tokenformer_dist.config import ModelConfig
 
 # Dense bf16 peak FLOP/s by device-name substring (first match wins), from the vendors' data sheets.
@@ -57,9 +58,7 @@ class MetricsWriter:
         if self.path.is_file():  # drop records past the checkpoint we resume from (they will be redone)
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
                     json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
         self._file = self.path.open("a")
         self._tb = SummaryWriter(str(Path(run_dir) / "tb"),
                                  purge_step=resume_step + 1 if resume_step else None)

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import yaml
 
+from tokenformer_dist.atomic import atomic_path
 from tokenformer_dist.config import NORMALIZATIONS, Config, ModelConfig, validate
 
 PATTENTION_NAMES = {"query": "attn.query", "key": "attn.key", "value": "attn.value", "proj": "attn.proj"}
@@ -307,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.tokenizer is not None:
         name = "tokenizer.json" if args.tokenizer.suffix == ".json" else "tokenizer.model"
-        tmp = out / f".{name}.tmp"
-        shutil.copyfile(args.tokenizer, tmp)
-        tmp.replace(out / name)
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(args.tokenizer, tmp)
     print(f"wrote {out} (tp {args.tp}) from {args.ckpt}")
     return 0

@@ -36,7 +36,7 @@ from tokenformer_dist.config import ModelConfig
 from tokenformer_dist.model.mappings import TensorParallelRegions
 from tokenformer_dist.model.pattention import Pattention
 from tokenformer_dist.model.tokenformer import TokenFormer
-from tokenformer_dist.sharding import local_part, rule_for
+from tokenformer_dist.sharding import is_tp_sharded, local_part, rule_for
 
 
 class MegatronRegions(TensorParallelRegions):
@@ -101,8 +101,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def _keep_local_rows(model: torch.nn.Module, rank: int, size: int) -> None:
     """Replace every TP-sharded parameter by this rank's part of it (a copy: the full tensor is freed)."""
     for name, p in list(model.named_parameters()):
-        rule = rule_for(name)
-        if rule.dim is None:
+        if not is_tp_sharded(name):
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
