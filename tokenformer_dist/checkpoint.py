@@ -237,5 +237,7 @@ def restore_buffers(module: torch.nn.Module, ckpt_dir: Path, tp_rank: int) -> No
     and tau may differ from its config default after a lossless expansion."""
     with safe_open(str(rank_file(ckpt_dir, tp_rank if rank_file(ckpt_dir, tp_rank).is_file() else 0)),
                    framework="pt") as f:
+        saved = set(module.state_dict())  # persistent buffers only (rotary frequencies are not saved)
         for name, buf in module.named_buffers():
-            buf.copy_(f.get_tensor(name))
+            if name in saved:
+                buf.copy_(f.get_tensor(name))

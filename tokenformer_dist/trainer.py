@@ -8,6 +8,7 @@ Host syncs: none inside a step; the logged loss is read on logging steps, the pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import resource
 import sys
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from tokenformer_dist import checkpoint as ckpt_lib
 from tokenformer_dist import comm
 from tokenformer_dist.allocator import tune_cpu_allocator
-from tokenformer_dist.config import Config, ConfigError
+from tokenformer_dist.config import Config, ConfigError, compile_on
 from tokenformer_dist.ds_config import deepspeed_config
 from tokenformer_dist.metrics import MetricsWriter, flops_per_token, peak_flops
 from tokenformer_dist.optim import build_optimizer
@@ -85,9 +86,17 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
                                  device=info.device)
     if init_from and not resume.meta:
         load_weights(model, ckpt_lib.resolve_checkpoint(init_from))
+    if compile_on(cfg, info.device.type):
+        from tokenformer_dist.model.compile import compile_model
+
+        compile_model(model, cfg.train.compile_mode)  # lazily: the first step compiles
     optimizer = build_optimizer(model, cfg, fused=on_gpu)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
                                       config=deepspeed_config(cfg, info.dp_size, bf16, resume.universal, on_gpu))
+    if compile_on(cfg, info.device.type):
+        from tokenformer_dist.model.compile import keep_hooks_eager
+
+        keep_hooks_eager(engine.module)  # ZeRO 3's per-module hooks
     return engine
 
 
@@ -187,7 +196,9 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     """One training run. destroy=False keeps torch.distributed up (several runs in one launch, for tests)."""
     from tokenformer_dist.data import Prefetcher, TokenShards, WindowLoader, check_vocab
     from tokenformer_dist.evaluate import evaluate
+    from tokenformer_dist.model.compile import compile_errors
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
+    from tokenformer_dist.profiling import StepProfiler
 
     t, m = cfg.train, cfg.model
     check_vocab(TokenShards(cfg.data.path, "train").vocab_size, m.vocab_size, cfg.data.path)
@@ -208,6 +219,8 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     report = Reporter(cfg, info, run_dir, step, tokens_per_step)
     preempt = Preemption(t.preempt_check_every)
     has_val = _has_val(cfg)
+    profiler = (StepProfiler(args.profile, run_dir, info.rank, info.device.type == "cuda", report.say)
+                if getattr(args, "profile", None) else None)
 
     def save() -> None:
         ckpt_lib.save_checkpoint(engine, run_dir, step, cfg, info,
@@ -215,29 +228,38 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
                                   "dtype": "bf16" if bf16 else "fp32"}, t.keep_last)
 
     exit_code = 0
+    # a torch.compile failure (first step, or a recompile at validation) is one line naming train.compile
+    compiling = (compile_errors(f"train.compile={t.compile}") if compile_on(cfg, info.device.type)
+                 else contextlib.nullcontext())
     try:
-        while step < t.steps:
-            lr = lr_at(step, t.steps, t.lr, t.min_lr, t.warmup_frac)
-            loss_sum = train_step(engine, batches, lr, t.grad_accum_steps)
-            step += 1
-            tokens_seen += tokens_per_step
-            report.bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
-                report.train_record(step, tokens_seen, loss_sum, lr, engine)
-            if has_val and (step % t.eval_every == 0 or step == t.steps):
-                report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
-                                                 t.eval_batches))
-            if preempt.should_stop(step):
-                save()
-                if info.is_main:
-                    report.say(f"preempted: checkpoint saved at step {step}; exiting {EXIT_PREEMPTED} for requeue")
-                exit_code = EXIT_PREEMPTED
-                break
-            if step % t.save_every == 0 and step < t.steps:
-                save()
+        with compiling:
+            while step < t.steps:
+                lr = lr_at(step, t.steps, t.lr, t.min_lr, t.warmup_frac)
+                loss_sum = train_step(engine, batches, lr, t.grad_accum_steps)
+                step += 1
+                tokens_seen += tokens_per_step
+                report.bar.update(1)
+                if profiler:
+                    profiler.step()
+                if step % t.log_every == 0 or step == t.steps:
+                    report.train_record(step, tokens_seen, loss_sum, lr, engine)
+                if has_val and (step % t.eval_every == 0 or step == t.steps):
+                    report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
+                                                     t.eval_batches))
+                if preempt.should_stop(step):
+                    save()
+                    if info.is_main:
+                        report.say(f"preempted: checkpoint saved at step {step}; exiting {EXIT_PREEMPTED} "
+                                   "for requeue")
+                    exit_code = EXIT_PREEMPTED
+                    break
+                if step % t.save_every == 0 and step < t.steps:
+                    save()
         if exit_code == 0:
             save()
     finally:
+        if profiler:
+            profiler.close()
         batches.close()
         report.close()
     if destroy:

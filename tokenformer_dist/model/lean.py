@@ -198,7 +198,7 @@ def lean_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
-        compute_dtype = torch.result_type(x, keys)
+        compute_dtype = torch.promote_types(x.dtype, keys.dtype)
     # a Python float τ stays exact (fp64) until it meets the accumulation dtype
     tau_t = (tau.detach() if isinstance(tau, torch.Tensor)
              else torch.tensor(tau, dtype=torch.float64, device=x.device))
