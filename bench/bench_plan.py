@@ -242,7 +242,7 @@ def predict(case: Case) -> dict:
     cfg = load_config(REPO / case.config, list(case.overrides), case.tp)
     hw = HARDWARE["cpu"]
     lay = Layout(case.tp, case.dp, case.zero_stage, case.micro_batch, 1, case.checkpointing)
-    return memory(cfg.model, lay, hw, zero_settings(cfg, hw))
+    return memory(cfg.model, lay, hw, zero_settings(cfg, hw, lay))
 
 
 if __name__ == "__main__":

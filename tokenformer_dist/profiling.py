@@ -44,7 +44,7 @@ def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float
 def summarize(events: EventList, on_gpu: bool, top: int = TOP) -> dict[str, Any]:
     """Top kernels (GPU) or operators (CPU) by self device time over the profiled steps, and on GPU the idle
     fraction of the device between the first and the last profiled step's boundaries."""
-    steps = [e for e in events if e.name.startswith("ProfilerStep#")]
+    steps = [e for e in events if e.name.startswith("ProfilerStep")]
     if on_gpu:
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         by_name: dict[str, list[float]] = {}
@@ -59,7 +59,7 @@ def summarize(events: EventList, on_gpu: bool, top: int = TOP) -> dict[str, Any]
     else:
         averages = events.key_averages()
         rows = sorted(((a.key, a.self_cpu_time_total, a.count) for a in averages if not a.key.startswith(
-            "ProfilerStep#")), key=lambda r: -r[1])
+            "ProfilerStep")), key=lambda r: -r[1])
         n_kernels, idle = None, None
     total = sum(r[1] for r in rows) or 1.0
     return {

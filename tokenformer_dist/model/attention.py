@@ -31,7 +31,9 @@ class Rotary(torch.nn.Module):
         super().__init__()
         self.dim = int(head_dim * rotary_pct) if rotary_pct < 1.0 else head_dim
         self.base = base
-        self.register_buffer("inv_freq", self._inverse_frequencies(), persistent=False)
+        # computed on the CPU (megatron's arithmetic), then placed where the module is being built
+        self.register_buffer("inv_freq", self._inverse_frequencies().to(torch.get_default_device()),
+                             persistent=False)
 
     def _inverse_frequencies(self) -> torch.Tensor:
         return 1.0 / (int(self.base) ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device="cpu")
