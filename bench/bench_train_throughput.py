@@ -2,7 +2,7 @@
 """P5: CPU training throughput at TP 1 — the trainer's stack against plain single-device PyTorch.
 
     .venv/bin/python bench/bench_train_throughput.py [--steps 1] [--rounds 40] [--threads N]
-        [--no-allocator-tuning] [--set model.d_model=256 ...]
+        [--no-allocator-tuning] [--compile] [--set model.d_model=256 ...]
 
 Both sides train the same TokenFormer (same shapes, same init) with torch AdamW (same decay groups, same
 lr) and gradient clipping on the same tokens, in ONE process (same threads, same allocator settings):
@@ -11,6 +11,8 @@ lr) and gradient clipping on the same tokens, in ONE process (same threads, same
             (`allocator.tune_cpu_allocator`, process-wide, so the baseline gets it too)
   baseline: plain nn.Modules (nn.Embedding, single-device `pattention` math, SDPA, F.cross_entropy),
             torch AdamW, clip_grad_norm_ — no megatron, no DeepSpeed
+With --compile both sides are compiled the same way, region by region (each block with `Module.compile`, as
+model/compile.py does for ours; the baseline's embedding and head too), on Inductor's CPU backend.
 Rounds are short and alternate the order (ABBA) so that machine noise hits both alike; prints tokens/s of
 each, the median over rounds of the wall-clock ratio ours/baseline (the P5 figure, goal >= 0.95), the
 ratio of process CPU time per token (less sensitive to other processes on a shared machine), and the
@@ -112,8 +114,17 @@ class PlainTokenFormer(torch.nn.Module):
         x = self.embedding(tokens)
         for blk in self.blocks:
             x = blk(x)
-        logits = self.final_norm(x) @ self.embedding.weight.t()
+        return self.head(x, self.embedding.weight, labels)
+
+    def head(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.final_norm(x) @ weight.t()
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def compile_regions(self) -> None:
+        self.embedding.compile(dynamic=False)
+        for blk in self.blocks:
+            blk.compile(dynamic=False)
+        self.head = torch.compile(self.head, dynamic=False)
 
 
 def adamw(model: torch.nn.Module, t) -> torch.optim.Optimizer:
@@ -134,6 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per side per round")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--compile", action="store_true", help="compile both sides (regional, Inductor)")
     parser.add_argument("--no-allocator-tuning", action="store_true",
                         help="skip the trainer's glibc allocator settings (to measure what they bring)")
     args = parser.parse_args()
@@ -158,11 +170,17 @@ def main() -> None:
     init_distributed(1)
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()  # as train.train() does on CPU
     ours_model = parallelize(TokenFormer(m, seed=t.seed), parallel_state.get_tensor_model_parallel_group())
+    if args.compile:
+        from tokenformer_dist.model.compile import compile_model
+
+        compile_model(ours_model)
     optimizer = build_optimizer(ours_model, cfg, fused=False)
     engine, *_ = deepspeed.initialize(
         model=ours_model, optimizer=optimizer, mpu=DeepSpeedMPU, config=deepspeed_config(cfg, 1, False, False)
     )
     base = PlainTokenFormer(m, t.seed)
+    if args.compile:
+        base.compile_regions()
     base_opt = adamw(base, t)
 
     gen = torch.Generator().manual_seed(0)
@@ -187,6 +205,7 @@ def main() -> None:
     l_ours, l_base = ours_step(), base_step()  # warm-up; the first losses agree: same init, same math
     print(
         f"model d={m.d_model} L={m.n_layers} seq={m.seq_len} micro={t.micro_batch_size} fp32, "
+        f"{'compiled' if args.compile else 'eager'}, "
         f"threads={torch.get_num_threads()}, allocator tuning {'on' if tuned else 'off'}; "
         f"first-step loss ours {l_ours:.5f} baseline {l_base:.5f}"
     )

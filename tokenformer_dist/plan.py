@@ -110,22 +110,26 @@ D_PASSES_PER_LAYER = 40
 CE_PASSES = 8
 
 
-# The compiled path (train.compile; model/compile.py, Inductor) in the same units, counted from the kernels
-# of one compiled owt_124m block that bench/bench_step_kernels.py prints: per Pattention, forward: one kernel
-# reads A for Σ A², scales, applies GeLU and writes Θ (A read twice, Θ written: 3); backward: Θ recomputed for
-# dV (A read, Θ written: 2), then dA with its row sum (dΘ and A read twice, dA written: 5) -> 3 / 7 passes.
+# The compiled path (train.compile; model/compile.py, Inductor) in the same units, from the kernels of one
+# compiled owt_124m block: per Pattention, forward: one kernel reads A for Σ A², scales, applies GeLU and writes
+# Θ (A read twice, Θ written: 3 passes); backward: Θ recomputed for dV (A read, Θ written: 2), then dA with its
+# row sum (dΘ and A read twice, dA written: 5) -> 3 / 7. With ~20 passes over [tokens, d] per layer left
+# (LayerNorms, residuals and rotary fused into their neighbours) this gives 122 KB per token per layer at
+# owt_124m; Inductor's own byte count of the generated kernels (bench/bench_step_kernels.py: 403 MB forward +
+# 579 MB backward per block at 8192 tokens) is 120 KB.
 COMPILED_PASSES_FWD = 3
 COMPILED_PASSES_BWD = 7
-# [tokens, d] passes per layer left when LayerNorms, residuals and rotary are fused into their neighbours
 COMPILED_D_PASSES_PER_LAYER = 20
-# the compiled loss head: logits read for the log-sum-exp, re-read in backward with the gradient written
-COMPILED_CE_PASSES = 3
+# the compiled loss head in fp32 [tokens, V] passes: Inductor counts 850 MB forward + 1,712 MB backward at 8192
+# tokens × 50,304 (bench/bench_step_kernels.py): 1.6 passes, against the eager head's 8
+COMPILED_CE_PASSES = 1.6
 # Launches of one compiled forward + backward at TP 1 (bench/bench_step_kernels.py, owt_124m, bf16,
-# micro-batch 8 on the CPU: 735 = 12 × 60 per block + 15 outside the blocks; independent of the token count)
+# micro-batch 8 on the CPU: 735 = 12 × 60 per block — a forward graph of 21 kernels, a backward graph of 29,
+# 10 detaches outside them — + 15 outside the blocks; independent of the token count)
 COMPILED_LAUNCHES_PER_LAYER = 60
 COMPILED_LAUNCHES_OUTSIDE = 15
 COMPILED_GRAPH_CALLS_PER_LAYER = 2  # a block's forward graph and its backward graph
-COMPILED_GRAPH_CALLS_OUTSIDE = 4  # the embedding's and the loss head's
+COMPILED_GRAPH_CALLS_OUTSIDE = 2  # the loss head's
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,15 @@ class Reporter:
             self.say(f"step {step:>7d}  loss {loss:.4f}  lr {lr:.3e}  gnorm {record['grad_norm'] or 0:.3f}  "
                      f"{tok_s:,.0f} tok/s  {perf}  mem {record['mem_gb']:.2f} GB  eta {fmt_eta(eta)}")
 
+    def first_step(self, step: int, t_start: float, compiled: bool) -> None:
+        """How long this invocation's first step took, compilation included (one device sync, once)."""
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        seconds = time.perf_counter() - t_start
+        if self.writer:
+            self.writer.log({"step": step, "first_step_s": seconds})
+            self.say(f"first step: {seconds:.1f} s{' (includes torch.compile)' if compiled else ''}")
+
     def val_record(self, step: int, val: dict[str, float]) -> None:
         if self.writer:
             self.writer.log({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"]})
@@ -235,6 +244,7 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
         with compiling:
             while step < t.steps:
                 lr = lr_at(step, t.steps, t.lr, t.min_lr, t.warmup_frac)
+                t_first = time.perf_counter() if step == report.start_step else None
                 loss_sum = train_step(engine, batches, lr, t.grad_accum_steps)
                 step += 1
                 tokens_seen += tokens_per_step
@@ -243,6 +253,8 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
                     profiler.step()
                 if step % t.log_every == 0 or step == t.steps:
                     report.train_record(step, tokens_seen, loss_sum, lr, engine)
+                if t_first is not None:  # after the step's own record, which stays the first of the run
+                    report.first_step(step, t_first, compiled=compile_on(cfg, info.device.type))
                 if has_val and (step % t.eval_every == 0 or step == t.steps):
                     report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
                                                      t.eval_batches))

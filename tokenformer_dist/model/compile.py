@@ -1,7 +1,8 @@
 """Regional compilation of a TokenFormer (`train.compile`), as torchtitan does it: every block is compiled
 with `Module.compile` — one graph, traced once and reused by all layers, since the blocks share their code
-and shapes — and the embedding and the loss head (final LayerNorm, tied output layer, cross entropy) are
-compiled as regions of their own. Whatever DeepSpeed runs around the model stays eager.
+and shapes — and the loss head (final LayerNorm, tied output layer, cross entropy) is compiled as a region of
+its own. The embedding (one gather forward, one scatter-add backward) and whatever DeepSpeed runs around the
+model stay eager.
 
 Why regions and not the whole model: the blocks are identical, so one compilation serves all of them (the
 whole model would be traced layer by layer, 12× the compile time for the same kernels), and collectives
@@ -41,7 +42,6 @@ def compile_model(model: torch.nn.Module, mode: str = "default") -> torch.nn.Mod
     dynamo_config.suppress_errors = False  # a compile failure is an error, never eager in disguise
     if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
         dynamo_config.fail_on_recompile_limit_hit = True  # past the limit dynamo would run eager silently
-    model.embedding.compile(mode=mode, dynamic=False)  # its backward: a scatter-add kernel or two, not eager
     for block in model.blocks:
         block.compile(mode=mode, dynamic=False)
     # an instance attribute shadowing the method: forward() calls self.head, names and state_dict unchanged
