@@ -39,6 +39,10 @@ def compile_model(model: torch.nn.Module, mode: str = "default") -> torch.nn.Mod
 
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}; valid: {', '.join(COMPILE_MODES)}")
+    # a process that trains several models one after another (the tests, bench scripts) would otherwise
+    # accumulate one set of guards per model until the recompile limit; compiled kernels stay in Inductor's
+    # cache, so starting afresh costs tracing, not code generation
+    torch._dynamo.reset()
     dynamo_config.suppress_errors = False  # a compile failure is an error, never eager in disguise
     if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
         dynamo_config.fail_on_recompile_limit_hit = True  # past the limit dynamo would run eager silently

@@ -93,6 +93,8 @@ class TokenFormer(torch.nn.Module):
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
+            elif cache is None:
+                x = block(x)  # no layer index: a compiled block would be specialized (recompiled) per index
             else:
                 x = block(x, cache, i)
         # the tied weight is read here, not inside head(): ZeRO 3 gathers a parameter used outside its own
