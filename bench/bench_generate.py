@@ -1,6 +1,7 @@
 """Generation throughput: tokens/s with the per-layer KV cache vs recomputing the whole prefix every token.
 
     python bench/bench_generate.py [--new-tokens 256] [--prompt 32] [--d-model 256] [--layers 4] [--repeats 2]
+                                   [--threads N]
 
 One process, one device (CPU here; CUDA when available), fp32, greedy, a randomly initialized model of the
 given size. Both runs must produce the same tokens (checked). The modes alternate in ABBA order over the
@@ -11,6 +12,7 @@ repeats (machine noise hits both alike); prints the best run of each mode and th
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -29,9 +31,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256, help="qkv/proj parameter tokens (ffn: 4x)")
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs per mode, alternating ABBA (best is reported)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                       seq_len=args.prompt + args.new_tokens, qkv_tokens=args.tokens, proj_tokens=args.tokens,
@@ -39,7 +44,8 @@ def main() -> None:
     model = TokenFormer(cfg, seed=0).to(device).eval()
     prompt = torch.randint(0, args.vocab, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model d={cfg.d_model} L={cfg.n_layers} H={cfg.n_heads} tokens {cfg.qkv_tokens}/{cfg.proj_tokens}/"
-          f"{cfg.ffn_tokens}, prompt {args.prompt}, {args.new_tokens} new tokens, greedy, fp32, {device}")
+          f"{cfg.ffn_tokens}, prompt {args.prompt}, {args.new_tokens} new tokens, greedy, fp32, {device}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     generate_ids(model, prompt, 8, None, use_cache=True)  # warm-up
     modes = {"recompute prefix": False, "KV cache": True}
     best, outputs = dict.fromkeys(modes, float("inf")), {}

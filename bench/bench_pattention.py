@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -31,7 +32,7 @@ def time_fwd_bwd(variants: dict, x: torch.Tensor, grad: torch.Tensor, reps: int,
     every other rep), so load from other processes on a shared machine and drift within a rep hit them
     alike; the minimum is the least disturbed figure, the maximum shows the disturbance."""
     times: dict[str, list[float]] = {name: [] for name in order}
-    for i in tqdm(range(reps + 1), desc=desc, leave=False):
+    for i in tqdm(range(reps + 1), desc=desc, leave=False, disable=not sys.stderr.isatty()):
         for name in order if i % 2 == 0 else order[::-1]:
             fn, params = variants[name]
             for t in (x, *params):

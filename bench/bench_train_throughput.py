@@ -294,8 +294,9 @@ def part_breakdown(engine, base, base_opt, batch: torch.Tensor, cfg, rounds: int
         z = logits.clone().requires_grad_()
         vocab_parallel_cross_entropy(z, labels).mean().backward()
 
-    ours_parts(), base_parts()  # warm-up, not timed
-    timer.ms.clear(), timer.faults.clear()
+    ours_parts()  # warm-up, not timed
+    base_parts()
+    timer = PartTimer()
     for r in tqdm(range(rounds), desc="rounds", disable=not sys.stderr.isatty()):
         for side in (base_parts, ours_parts) if r % 2 == 0 else (ours_parts, base_parts):
             side()
