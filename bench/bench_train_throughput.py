@@ -12,11 +12,17 @@ lr) and gradient clipping on the same tokens, in ONE process (same threads, same
   baseline: plain nn.Modules (nn.Embedding, single-device `pattention` math, SDPA, F.cross_entropy),
             torch AdamW, clip_grad_norm_ — no megatron, no DeepSpeed
 With --compile both sides are compiled the same way, region by region (each block with `Module.compile`, as
-model/compile.py does for ours; the baseline's embedding and head too), on Inductor's CPU backend.
+model/compile.py does for ours, and the loss head), on Inductor's CPU backend.
 Rounds are short and alternate the order (ABBA) so that machine noise hits both alike; prints tokens/s of
 each, the median over rounds of the wall-clock ratio ours/baseline (the P5 figure, goal >= 0.95), the
 ratio of process CPU time per token (less sensitive to other processes on a shared machine), and the
 losses of both after the same steps (equal: same math and optimizer).
+
+`--parts` (docs/training.md, "Where the time went"; use with --threads 1) instead times each part of a step
+on both sides, in ABBA rounds: forward + backward and the optimizer step (clip + AdamW; ours: DeepSpeed's
+`engine.step`), as process CPU ms and minor page faults per step (medians), then the cross entropy alone
+on this micro-batch's logits (F.cross_entropy against megatron-core's vocab_parallel_cross_entropy, the
+formula ours used at TP 1 before it switched to F.cross_entropy), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import itertools
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -121,7 +128,6 @@ class PlainTokenFormer(torch.nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
     def compile_regions(self) -> None:
-        self.embedding.compile(dynamic=False)
         for blk in self.blocks:
             blk.compile(dynamic=False)
         self.head = torch.compile(self.head, dynamic=False)
@@ -148,6 +154,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile both sides (regional, Inductor)")
     parser.add_argument("--no-allocator-tuning", action="store_true",
                         help="skip the trainer's glibc allocator settings (to measure what they bring)")
+    parser.add_argument("--parts", action="store_true",
+                        help="time each part of a step (forward+backward, optimizer step, cross entropy) instead")
     args = parser.parse_args()
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
@@ -202,6 +210,9 @@ def main() -> None:
         base_opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    if args.parts:
+        part_breakdown(engine, base, base_opt, batch, cfg, args.rounds, tuned)
+        return
     l_ours, l_base = ours_step(), base_step()  # warm-up; the first losses agree: same init, same math
     print(
         f"model d={m.d_model} L={m.n_layers} seq={m.seq_len} micro={t.micro_batch_size} fp32, "
@@ -240,6 +251,85 @@ def main() -> None:
           f"max {max(ratios):.3f}; CPU-time ratio {cpu['baseline'] / cpu['ours']:.3f}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"ratio ours/baseline {statistics.median(ratios):.3f} (median of {args.rounds} rounds; goal >= 0.95)")
+
+
+class PartTimer:
+    """Process CPU time (ms) and minor page faults of each timed call, per part name."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, list[float]] = {}
+        self.faults: dict[str, list[int]] = {}
+
+    def __call__(self, name: str, fn):
+        f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        out = fn()
+        self.ms.setdefault(name, []).append((time.process_time() - c0) * 1e3)
+        self.faults.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return out
+
+    def line(self, name: str) -> str:
+        return f"{statistics.median(self.ms[name]):8.1f} ms {statistics.median(self.faults[name]):>8,.0f} faults"
+
+
+def part_breakdown(engine, base, base_opt, batch: torch.Tensor, cfg, rounds: int, tuned: bool) -> None:
+    """--parts: each part of one step on both sides (ABBA rounds, medians), then the cross entropy alone."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    t, m = cfg.train, cfg.model
+    x, y = batch[:, :-1], batch[:, 1:]
+    timer = PartTimer()
+
+    def ours_parts() -> None:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = t.lr
+
+        def fwd_bwd() -> None:
+            engine.backward(engine(x, y))
+
+        timer("ours fwd+bwd", fwd_bwd)
+        timer("ours step", engine.step)
+
+    def base_parts() -> None:
+        for group in base_opt.param_groups:
+            group["lr"] = t.lr
+        timer("baseline fwd+bwd", lambda: base(x, y).backward())
+
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(base.parameters(), t.grad_clip)
+            base_opt.step()
+            base_opt.zero_grad(set_to_none=True)
+
+        timer("baseline step", step)
+
+    logits = torch.randn(x.numel(), m.vocab_size, generator=torch.Generator().manual_seed(1))
+    labels = y.flatten()
+
+    def fused_ce() -> None:
+        z = logits.clone().requires_grad_()
+        F.cross_entropy(z, labels).backward()
+
+    def megatron_ce() -> None:
+        z = logits.clone().requires_grad_()
+        vocab_parallel_cross_entropy(z, labels).mean().backward()
+
+    ours_parts()  # warm-up, not timed
+    base_parts()
+    timer = PartTimer()
+    for r in tqdm(range(rounds), desc="rounds", disable=not sys.stderr.isatty()):
+        for side in (base_parts, ours_parts) if r % 2 == 0 else (ours_parts, base_parts):
+            side()
+        for name, fn in (("F.cross_entropy", fused_ce), ("megatron", megatron_ce))[:: 1 if r % 2 == 0 else -1]:
+            timer(name, fn)
+    print(f"model d={m.d_model} L={m.n_layers} seq={m.seq_len} micro={t.micro_batch_size} fp32, "
+          f"threads={torch.get_num_threads()}, allocator tuning {'on' if tuned else 'off'}; median of {rounds} "
+          f"ABBA rounds, process CPU time and minor page faults per step")
+    print(f"{'part':<20}{'baseline (plain PyTorch)':>30}{'ours (ZeRO-1 engine)':>30}")
+    print(f"{'forward + backward':<20}{timer.line('baseline fwd+bwd'):>30}{timer.line('ours fwd+bwd'):>30}")
+    print(f"{'clip + AdamW step':<20}{timer.line('baseline step'):>30}{timer.line('ours step'):>30}")
+    print(f"cross entropy fwd+bwd on [{x.numel()}, {m.vocab_size}] logits: F.cross_entropy "
+          f"{statistics.median(timer.ms['F.cross_entropy']):.1f} ms, megatron vocab_parallel_cross_entropy "
+          f"{statistics.median(timer.ms['megatron']):.1f} ms")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,10 @@ def test_owt_configs_follow_the_planner_for_their_sbatch_geometry(stage):
     assert (p.tp, p.zero_stage, t.micro_batch_size, t.grad_accum_steps, p.activation_checkpointing) == \
         (lay.tp, lay.zero_stage, lay.micro_batch, lay.grad_accum, lay.activation_checkpointing)
     tokens = t.steps * t.micro_batch_size * t.grad_accum_steps * (nodes * gpus // p.tp) * cfg.model.seq_len
-    assert abs(tokens / SBATCH[stage] - 1) < 0.05
+    # measured: within 1e-5 of the budget (steps round to whole steps of 524,288 tokens); a batch geometry
+    # changed without its steps moves it by at least one sample of the micro-batch (16 here: 6%), a TP or
+    # accumulation change by 50% or more
+    assert abs(tokens / SBATCH[stage] - 1) < 1e-3
 
 
 # the one GPU measurement (docs/performance.md §7): owt_124m bf16 eager, TP 1, ZeRO 1, micro-batch 8, one H200,
