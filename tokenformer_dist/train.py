@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tokenformer_dist import checkpoint as ckpt_lib
+from tokenformer_dist.cli import ArgumentParser
 from tokenformer_dist.config import Config, ConfigError, add_config_args, load_config
 from tokenformer_dist.preemption import EXIT_PREEMPTED
 from tokenformer_dist.trainer import train
@@ -27,7 +28,7 @@ __all__ = ["EXIT_PREEMPTED", "main", "parse_args", "resolve_config", "train"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train TokenFormer (TP x ZeRO-DP).")
+    parser = ArgumentParser(description="Train TokenFormer (TP x ZeRO-DP).")
     add_config_args(parser)
     parser.add_argument("--data", default=None, help="built dataset dir (overrides data.path)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
