@@ -60,7 +60,6 @@ def choose_tp(requested: int | None, checkpoint_tp: int, cfg: Config, world_size
 
 @dataclass(frozen=True)
 class Launch:
-    tp: int
     device: torch.device
     tp_group: Any  # torch.distributed.ProcessGroup; None for one plain process
     info: Any  # parallel.DistInfo; None for one plain process
@@ -73,13 +72,13 @@ class Launch:
 def start(tp: int, cfg: Config) -> Launch:
     """Process groups for a launch of several processes (torchrun, srun); nothing for one plain process."""
     if launch_world_size() == 1:
-        return Launch(1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None, None)
+        return Launch(torch.device("cuda" if torch.cuda.is_available() else "cpu"), None, None)
     from megatron.core import parallel_state
 
     from tokenformer_dist.parallel import init_distributed
 
     info = init_distributed(tp, cfg.parallel.dist_timeout_minutes, seed=cfg.train.seed)
-    return Launch(tp, info.device, parallel_state.get_tensor_model_parallel_group(), info)
+    return Launch(info.device, parallel_state.get_tensor_model_parallel_group(), info)
 
 
 def finish(launch: Launch | None) -> None:
