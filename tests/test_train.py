@@ -215,21 +215,38 @@ def test_kill_crash_preempt_resume_is_bit_identical(data, tmp_path):
     assert got == ref
 
 
-def test_evaluate_cli_matches_trainer_validation(runs, data):
-    """TP2×DP1 evaluation of the TP2 checkpoint == the TP1×DP2 trainer's own final validation loss."""
+def test_evaluate_cli_reshards_under_torchrun(runs, data):
+    """torchrun, 2 processes at --tp 2, of the TP1×DP2 checkpoint (resharded as it is loaded) == that trainer's
+    own final validation loss."""
     from tests.dist_scripts.train_helpers import env, torchrun_cmd
 
-    cmd = torchrun_cmd(2, "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "tp2_z1"),
+    cmd = torchrun_cmd(2, "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "tp1"), "--tp", "2",
                        "--data", str(data), "--batches", "8", "--json")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written at tp 1, evaluated at tp 2" in proc.stdout
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     val = [r for r in metrics(runs / "tp1") if "val_loss" in r][-1]
     assert val["step"] == STEPS and result["tokens"] == 8 * 4 * 64
     assert rel(result["loss"], val["val_loss"]) <= 1e-5
-    bad = subprocess.run([*cmd[:1], "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "tp2_z1"),
-                          "--data", str(data), "--tp", "1"], capture_output=True, text=True, env=env())
-    assert bad.returncode == 2 and "tp=2" in bad.stderr and "--tp 1" in bad.stderr
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_evaluate_at_tp1_from_tp2_checkpoint(runs, data, zero, capsys, monkeypatch):
+    """One plain process (TP 1, no process group) reading the TP2×DP2 checkpoint of each ZeRO stage == the
+    trainer's own final validation loss at TP 2."""
+    from tokenformer_dist import evaluate
+
+    for var in ("WORLD_SIZE", "RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    assert evaluate.main(["--ckpt", str(runs / f"tp2_z{zero}"), "--data", str(data), "--batches", "8",
+                          "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "written at tp 2, evaluated at tp 1" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    val = [r for r in metrics(runs / f"tp2_z{zero}") if "val_loss" in r][-1]
+    assert val["step"] == STEPS and result["tokens"] == 8 * 4 * 64
+    assert rel(result["loss"], val["val_loss"]) <= 1e-5, (result["loss"], val["val_loss"])
 
 
 def test_bf16_trains_and_tracks_fp32(runs):

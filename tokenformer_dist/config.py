@@ -280,7 +280,9 @@ def add_config_args(parser: argparse.ArgumentParser, config_required: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from tokenformer_dist.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tp", type=int, default=None)

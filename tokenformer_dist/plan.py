@@ -591,24 +591,16 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from tokenformer_dist.cli import positive_int
+
     p = _Parser(prog="tools/plan.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
-    p.add_argument("--nodes", type=_positive, required=True)
-    p.add_argument("--gpus-per-node", type=_positive, required=True)
+    p.add_argument("--nodes", type=positive_int, required=True)
+    p.add_argument("--gpus-per-node", type=positive_int, required=True)
     p.add_argument("--gpu", required=True, choices=tuple(HARDWARE))
-    p.add_argument("--tp", type=_positive, default=None, help="fix the tensor-parallel degree")
-    p.add_argument("--micro-batch", type=_positive, default=None, help="fix the micro-batch size")
+    p.add_argument("--tp", type=positive_int, default=None, help="fix the tensor-parallel degree")
+    p.add_argument("--micro-batch", type=positive_int, default=None, help="fix the micro-batch size")
     p.add_argument("--zero-stage", type=int, default=None, choices=ZERO_STAGES, help="fix the ZeRO stage")
     p.add_argument("--activation-checkpointing", type=_on_off, default=None, metavar="on|off")
     p.add_argument("--compile", type=_on_off, default=None, metavar="on|off",

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tokenformer_dist import checkpoint as ckpt_lib
+from tokenformer_dist.cli import ArgumentParser, positive_int
 from tokenformer_dist.config import Config, ConfigError, add_config_args, load_config
 from tokenformer_dist.model.compile import CompileError
 from tokenformer_dist.preemption import EXIT_PREEMPTED
@@ -27,30 +28,20 @@ from tokenformer_dist.trainer import train
 __all__ = ["EXIT_PREEMPTED", "main", "parse_args", "resolve_config", "train"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of steps, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train TokenFormer (TP x ZeRO-DP).")
+    parser = ArgumentParser(description="Train TokenFormer (TP x ZeRO-DP).")
     add_config_args(parser)
     parser.add_argument("--data", default=None, help="built dataset dir (overrides data.path)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
     parser.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
                         help="ZeRO stage (overrides parallel.zero_stage)")
-    parser.add_argument("--profile", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--profile", type=positive_int, default=None, metavar="N",
                         help="profile N steps after a short warm-up: a torch.profiler trace under "
                              "<run-dir>/profile/ and the top kernels (ops on CPU) printed")
     parser.add_argument("--init-from", default=None,
                         help="model weights only (fresh optimizer and schedule) from a checkpoint, "
-                             "run dir or weights dir written at the same TP")
+                             "run dir or weights dir written at any TP (resharded as it loads)")
     return parser.parse_args(argv)
 
 

@@ -76,7 +76,6 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
 
     from tokenformer_dist.model.tensor_parallel import build_parallel_model
     from tokenformer_dist.parallel import DeepSpeedMPU
-    from tokenformer_dist.weights import load_weights
 
     on_gpu = info.device.type == "cuda"
     fresh = resume.meta is None and not init_from
@@ -85,7 +84,7 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
                                  activation_checkpointing=cfg.parallel.activation_checkpointing, init_weights=fresh,
                                  device=info.device)
     if init_from and not resume.meta:
-        load_weights(model, ckpt_lib.resolve_checkpoint(init_from))
+        ckpt_lib.load_weights_resharded(model, init_from)  # written at any TP degree: resharded as it loads
     if compile_on(cfg, info.device.type):
         from tokenformer_dist.model.compile import compile_model
 
