@@ -43,6 +43,7 @@ def saved_bytes(fn, x: torch.Tensor, params) -> tuple[int, int]:
     """
     skip = {p.untyped_storage().data_ptr() for p in params}
     storages: dict[int, int] = {}
+    fn(x)  # a compiled variant compiles here: dynamo does not trace under saved-tensor hooks (it would run eager)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenformer_dist import checkpoint as ckpt_lib
 from tokenformer_dist.cli import ArgumentParser, positive_int
 from tokenformer_dist.config import Config, ConfigError, add_config_args, load_config
-from tokenformer_dist.model.compile import CompileError
+from tokenformer_dist.model.compile import CompileError, compile_errors
 from tokenformer_dist.preemption import EXIT_PREEMPTED
 from tokenformer_dist.trainer import train
 
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(cfg.data.path).is_dir():
             raise ConfigError(f"data.path / --data {cfg.data.path!r}: no such dataset directory "
                               f"(build one with data_prep/build.py)")
-        return train(args, cfg)
+        # a torch.compile failure (the first step, or a recompile at validation) is one line naming train.compile
+        with compile_errors(f"train.compile={cfg.train.compile}"):
+            return train(args, cfg)
     except (ConfigError, ValueError, CompileError) as e:  # DatasetError, parallel.LaunchError: ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ Host syncs: none inside a step; the logged loss is read on logging steps, the pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import resource
 import sys
@@ -204,7 +203,6 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     """One training run. destroy=False keeps torch.distributed up (several runs in one launch, for tests)."""
     from tokenformer_dist.data import Prefetcher, TokenShards, WindowLoader, check_vocab
     from tokenformer_dist.evaluate import evaluate
-    from tokenformer_dist.model.compile import compile_errors
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
     from tokenformer_dist.profiling import StepProfiler
 
@@ -236,36 +234,31 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
                                   "dtype": "bf16" if bf16 else "fp32"}, t.keep_last)
 
     exit_code = 0
-    # a torch.compile failure (first step, or a recompile at validation) is one line naming train.compile
-    compiling = (compile_errors(f"train.compile={t.compile}") if compile_on(cfg, info.device.type)
-                 else contextlib.nullcontext())
     try:
-        with compiling:
-            while step < t.steps:
-                lr = lr_at(step, t.steps, t.lr, t.min_lr, t.warmup_frac)
-                t_first = time.perf_counter() if step == report.start_step else None
-                loss_sum = train_step(engine, batches, lr, t.grad_accum_steps)
-                step += 1
-                tokens_seen += tokens_per_step
-                report.bar.update(1)
-                if profiler:
-                    profiler.step()
-                if step % t.log_every == 0 or step == t.steps:
-                    report.train_record(step, tokens_seen, loss_sum, lr, engine)
-                if t_first is not None:  # after the step's own record, which stays the first of the run
-                    report.first_step(step, t_first, compiled=compile_on(cfg, info.device.type))
-                if has_val and (step % t.eval_every == 0 or step == t.steps):
-                    report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
-                                                     t.eval_batches))
-                if preempt.should_stop(step):
-                    save()
-                    if info.is_main:
-                        report.say(f"preempted: checkpoint saved at step {step}; exiting {EXIT_PREEMPTED} "
-                                   "for requeue")
-                    exit_code = EXIT_PREEMPTED
-                    break
-                if step % t.save_every == 0 and step < t.steps:
-                    save()
+        while step < t.steps:
+            lr = lr_at(step, t.steps, t.lr, t.min_lr, t.warmup_frac)
+            t_first = time.perf_counter() if step == report.start_step else None
+            loss_sum = train_step(engine, batches, lr, t.grad_accum_steps)
+            step += 1
+            tokens_seen += tokens_per_step
+            report.bar.update(1)
+            if profiler:
+                profiler.step()
+            if step % t.log_every == 0 or step == t.steps:
+                report.train_record(step, tokens_seen, loss_sum, lr, engine)
+            if t_first is not None:  # after the step's own record, which stays the first of the run
+                report.first_step(step, t_first, compiled=compile_on(cfg, info.device.type))
+            if has_val and (step % t.eval_every == 0 or step == t.steps):
+                report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
+                                                 t.eval_batches))
+            if preempt.should_stop(step):
+                save()
+                if info.is_main:
+                    report.say(f"preempted: checkpoint saved at step {step}; exiting {EXIT_PREEMPTED} for requeue")
+                exit_code = EXIT_PREEMPTED
+                break
+            if step % t.save_every == 0 and step < t.steps:
+                save()
         if exit_code == 0:
             save()
     finally:
