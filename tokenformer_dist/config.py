@@ -22,6 +22,9 @@ DTYPES = ("auto", "fp32", "bf16")
 REDUCE_DTYPES = ("fp32", "bf16")
 COMPILE_SETTINGS = ("auto", True, False)  # train.compile; auto = on for CUDA, off on CPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
+# torch.compile backends: inductor generates fused kernels (what train.compile is for); aot_eager traces and
+# partitions the same graphs but runs them op by op — the first step when bisecting a compile problem
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 class ConfigError(ValueError):
@@ -94,6 +97,7 @@ class TrainConfig:
     compile: bool | str = "auto"
     # torch.compile's mode; "reduce-overhead" adds CUDA graphs (docs/performance.md says what was measured)
     compile_mode: str = "default"
+    compile_backend: str = "inductor"  # inductor | aot_eager (no code generation: for bisecting a compile problem)
 
 
 @dataclass
@@ -192,6 +196,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{src}: {key} must be one of {', '.join(valid)}, got {value!r}")
     if t.compile not in COMPILE_SETTINGS or isinstance(t.compile, int) and not isinstance(t.compile, bool):
         raise ConfigError(f"{src}: train.compile must be one of auto, true, false, got {t.compile!r}")
+    if t.compile_backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"{src}: train.compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
+                          f"got {t.compile_backend!r}")
     if t.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"{src}: train.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
                           f"got {t.compile_mode!r}")

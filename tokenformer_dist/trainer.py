@@ -87,7 +87,7 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
     if compile_on(cfg, info.device.type):
         from tokenformer_dist.model.compile import compile_model
 
-        compile_model(model, cfg.train.compile_mode)  # lazily: the first step compiles
+        compile_model(model, cfg.train.compile_mode, cfg.train.compile_backend)  # lazily: the first step compiles
     optimizer = build_optimizer(model, cfg, fused=on_gpu)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
                                       config=deepspeed_config(cfg, info.dp_size, bf16, resume.universal, on_gpu))

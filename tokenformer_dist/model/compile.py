@@ -26,19 +26,23 @@ from collections.abc import Iterator
 
 import torch
 
-from tokenformer_dist.config import COMPILE_MODES
+from tokenformer_dist.config import COMPILE_BACKENDS, COMPILE_MODES
 
 
 class CompileError(RuntimeError):
     """torch.compile failed on this model (one line; the trainer exits 2 with it)."""
 
 
-def compile_model(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
-    """Compile `model`'s blocks and loss head in place (lazily: the work happens at the first forward)."""
+def compile_model(model: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> torch.nn.Module:
+    """Compile `model`'s blocks and loss head in place (lazily: the work happens at the first forward).
+    `backend` "aot_eager" traces and partitions the same graphs without generating kernels."""
     import torch._dynamo.config as dynamo_config
 
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode {mode!r}; valid: {', '.join(COMPILE_MODES)}")
+    if mode not in COMPILE_MODES or backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile mode {mode!r} / backend {backend!r}; valid: {', '.join(COMPILE_MODES)} / "
+                         f"{', '.join(COMPILE_BACKENDS)}")
+    # options such as the mode are Inductor's: another backend takes none
+    options = {"mode": mode} if backend == "inductor" else {}
     # a process that trains several models one after another (the tests, bench scripts) would otherwise
     # accumulate one set of guards per model until the recompile limit; compiled kernels stay in Inductor's
     # cache, so starting afresh costs tracing, not code generation
@@ -47,9 +51,9 @@ def compile_model(model: torch.nn.Module, mode: str = "default") -> torch.nn.Mod
     if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
         dynamo_config.fail_on_recompile_limit_hit = True  # past the limit dynamo would run eager silently
     for block in model.blocks:
-        block.compile(mode=mode, dynamic=False)
+        block.compile(backend=backend, dynamic=False, **options)
     # an instance attribute shadowing the method: forward() calls self.head, names and state_dict unchanged
-    model.head = torch.compile(model.head, mode=mode, dynamic=False)
+    model.head = torch.compile(model.head, backend=backend, dynamic=False, **options)
     return model
 
 
