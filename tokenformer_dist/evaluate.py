@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if info.is_main:
         print(f"{ckpt}: {args.split} loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  "
-              f"tokens {result['tokens']}")
+              f"tokens {result['tokens']}  (fp32 master weights)")
         if args.json:
             print(json.dumps(result))
     destroy_distributed()
