@@ -149,7 +149,7 @@ def test_pretrain_script_runs_on_two_nodes_with_two_tasks_each(cluster: SlurmClu
 def test_requeued_job_resumes_from_its_checkpoint(cluster: SlurmCluster, data_dir: Path, tiny_run: dict,
                                                   tmp_path: Path) -> None:
     """Two interruptions of one job: `scontrol requeue` (Slurm sends SIGCONT + SIGTERM to every process of
-    the job), then SIGUSR1 to the batch shell only (what `--signal=B:USR1@600` sends before the time limit;
+    the job), then SIGUSR1 to the batch shell only (what the script's time-limit timer sends before the limit;
     the script forwards it to the ranks and requeues the job itself). Each time the trainer checkpoints,
     exits 75, and the restarted job resumes from that checkpoint: the metrics run 1..steps once, with the
     losses of the uninterrupted job."""
