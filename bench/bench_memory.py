@@ -29,6 +29,7 @@ from tokenformer_dist.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+VARIANTS = ("lean", "compiled", "reference", "official", "mlp")
 
 
 def _status_mb(field: str) -> float:
@@ -75,7 +76,7 @@ def saved_tables(tokens: int, d: int, ns: list[int]) -> None:
     print("  'with X' counts the layer input; 'without X' does not (it is shared with other consumers).")
     print(
         f"{'n':>6} {'norm':>13} "
-        + " ".join(f"{v + ' w/ X':>14} {v + ' w/o X':>15}" for v in ("lean", "reference", "official", "mlp"))
+        + " ".join(f"{v + ' w/ X':>14} {v + ' w/o X':>15}" for v in VARIANTS)
     )
     x = torch.randn(tokens, d, requires_grad=True)
     for n in ns:
@@ -83,7 +84,7 @@ def saved_tables(tokens: int, d: int, ns: list[int]) -> None:
         for norm in NORMS:
             variants = make_variants(d, n, norm)
             cells = []
-            for name in ("lean", "reference", "official", "mlp"):
+            for name in VARIANTS:
                 fn, params = variants[name]
                 with_x, without_x = saved_bytes(fn, x, params)
                 cells.append(f"{with_x / unit:>14.3f} {without_x / unit:>15.3f}")

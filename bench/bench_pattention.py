@@ -5,7 +5,7 @@ official layer and a same-shape Linear→GeLU→Linear MLP, all measured in this
 MLP and faster than the official-style layer (P3); lean ≤ 1.05× the reference (issue 7).
 
     .venv/bin/python bench/bench_pattention.py [--tokens 2048] [--d 768] [--n 576 2304] [--reps 7]
-                                               [--norm l2_norm_gelu] [--threads N]
+                                               [--norm l2_norm_gelu] [--threads N] [--variants lean ...]
 On a machine whose cores other processes share, use --threads 1: with 2 threads every parallel region
 waits for a descheduled thread, which measures the scheduler, not the layer.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -24,13 +25,15 @@ from tqdm import tqdm
 ORDER = ("lean", "reference", "official", "mlp")
 
 
-def time_fwd_bwd(variants: dict, x: torch.Tensor, grad: torch.Tensor, reps: int, desc: str) -> dict:
+def time_fwd_bwd(variants: dict, x: torch.Tensor, grad: torch.Tensor, reps: int, desc: str,
+                 order: tuple[str, ...] = ORDER) -> dict:
     """Seconds of one forward+backward (input and parameter grads) per variant: the minimum and the median
-    over `reps`, after one warm-up each. The variants take turns within every rep, so load from other
-    processes on a shared machine hits them alike; the minimum is the least disturbed figure."""
-    times: dict[str, list[float]] = {name: [] for name in ORDER}
-    for i in tqdm(range(reps + 1), desc=desc, leave=False):
-        for name in ORDER:
+    over `reps`, after one warm-up each. The variants take turns within every rep, in ABBA order (reversed
+    every other rep), so load from other processes on a shared machine and drift within a rep hit them
+    alike; the minimum is the least disturbed figure, the maximum shows the disturbance."""
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for i in tqdm(range(reps + 1), desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        for name in order if i % 2 == 0 else order[::-1]:
             fn, params = variants[name]
             for t in (x, *params):
                 t.grad = None
@@ -38,7 +41,7 @@ def time_fwd_bwd(variants: dict, x: torch.Tensor, grad: torch.Tensor, reps: int,
             fn(x).backward(grad)
             if i:
                 times[name].append(time.perf_counter() - start)
-    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+    return {name: (min(t), statistics.median(t), max(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -49,7 +52,10 @@ def main() -> None:
     ap.add_argument("--norm", default="l2_norm_gelu", choices=("l2_norm_gelu", "gelu_l2_norm", "softmax"))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    ap.add_argument("--variants", nargs="+", choices=ORDER, default=list(ORDER),
+                    help="the variants to time (e.g. lean reference: only those two take turns)")
     args = ap.parse_args()
+    order = tuple(v for v in ORDER if v in args.variants)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -62,22 +68,17 @@ def main() -> None:
     for n in args.n:
         x = torch.randn(args.tokens, args.d, requires_grad=True)
         grad = torch.randn(args.tokens, args.d)
-        rows.append((n, time_fwd_bwd(make_variants(args.d, n, args.norm), x, grad, args.reps, f"n={n}")))
-    for stat, k in (("min", 0), ("median", 1)):
+        rows.append((n, time_fwd_bwd(make_variants(args.d, n, args.norm), x, grad, args.reps, f"n={n}", order)))
+    ratios = [(a, b) for a, b in (("lean", "mlp"), ("lean", "official"), ("lean", "reference"), ("reference", "mlp"))
+              if a in order and b in order]
+    for stat, k in (("min", 0), ("median", 1), ("max", 2)):
         print(f"-- {stat} over reps (ms); ratios of the {stat}s")
-        print(
-            f"{'n':>6} "
-            + " ".join(f"{name:>10}" for name in ORDER)
-            + f" {'lean/mlp':>9} {'lean/official':>14} {'lean/reference':>15} {'reference/mlp':>14}"
-        )
+        print(f"{'n':>6} " + " ".join(f"{name:>10}" for name in order)
+              + "".join(f" {f'{a}/{b}':>15}" for a, b in ratios))
         for n, t in rows:
-            ms = {name: 1e3 * t[name][k] for name in ORDER}
-            print(
-                f"{n:>6} "
-                + " ".join(f"{ms[name]:>10.1f}" for name in ORDER)
-                + f" {ms['lean'] / ms['mlp']:>9.3f} {ms['lean'] / ms['official']:>14.3f}"
-                f" {ms['lean'] / ms['reference']:>15.3f} {ms['reference'] / ms['mlp']:>14.3f}"
-            )
+            ms = {name: 1e3 * t[name][k] for name in order}
+            print(f"{n:>6} " + " ".join(f"{ms[name]:>10.1f}" for name in order)
+                  + "".join(f" {ms[a] / ms[b]:>15.3f}" for a, b in ratios))
 
 
 if __name__ == "__main__":

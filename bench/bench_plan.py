@@ -209,27 +209,26 @@ def main() -> None:
 
 def tables() -> None:
     """The planner's picks per OWT stage on 1, 2 and 8 nodes of 8 H100 at the configs' 524,288-token global
-    batch (fewer nodes: train.grad_accum_steps scaled up so the global batch stays), the 1.4B table at 8 nodes,
-    and the same picks with a fused Θ kernel (what-if)."""
+    batch (fewer nodes: train.grad_accum_steps scaled up so the global batch stays), for the compiled step
+    (train.compile: auto, what a GPU runs) and, last column, the eager one; then the 1.4B table at 8 nodes."""
     from tokenformer_dist.config import load_config
     from tokenformer_dist.plan import HEADER, format_row, plan
 
-    fused = (3, 7)  # a fused Θ: fwd read A for Σ A², read A / write Θ; bwd recompute 2, GeLU'·A row-sum 2, dA 3
-    print("stage nodes  tp   dp zero micro ga ckpt   GB/GPU   step_s    tokens/s   MFU  matmul_s elem_s tp_s  dp_s"
-          "   | fused Θ: pick MFU")
+    print("stage nodes  tp   dp zero micro ga ckpt   GB/GPU   step_s    tokens/s   MFU  matmul_s elem_s host_s "
+          "tp_s  dp_s   | eager: pick MFU")
     for stage in ("124m", "354m", "757m", "1p4b"):
         for nodes in (1, 2, 8):
             cfg = load_config(REPO / f"configs/owt_{stage}.yaml")
             cfg.train.grad_accum_steps *= 8 // nodes
-            e = plan(cfg, nodes, 8, "h100")[0]
-            f = plan(cfg, nodes, 8, "h100", lean_passes=fused)[0]
+            e = plan(cfg, nodes, 8, "h100", compile=True)[0]
+            f = plan(cfg, nodes, 8, "h100", compile=False)[0]
             lay = e.layout
             print(f"{stage:>5} {nodes:>5} {lay.tp:>3} {lay.dp:>4} {lay.zero_stage:>4} {lay.micro_batch:>5} "
                   f"{lay.grad_accum:>2} {'on' if lay.activation_checkpointing else 'off':>4} {e.peak / GB:>8.1f} "
                   f"{e.step_s:>8.3f} {e.tokens_per_s:>11,.0f} {e.mfu:>5.1%} {e.matmul_s:>8.3f} {e.elementwise_s:>6.3f} "
-                  f"{e.tp_comm_s:>5.3f} {e.dp_comm_s:>5.3f}   | tp {f.layout.tp} z{f.layout.zero_stage} "
-                  f"mb {f.layout.micro_batch} {f.mfu:.1%}")
-    print("\nowt_1p4b, 8 nodes x 8 H100 (tools/plan.py rows, first 12 of the layouts that fit):")
+                  f"{e.host_s:>6.3f} {e.tp_comm_s:>5.3f} {e.dp_comm_s:>5.3f}   | tp {f.layout.tp} "
+                  f"z{f.layout.zero_stage} mb {f.layout.micro_batch} {f.mfu:.1%}", flush=True)
+    print("\nowt_1p4b, 8 nodes x 8 H100, compiled (tools/plan.py rows, first 12 of the layouts that fit):")
     print(HEADER)
     for e in [e for e in plan(load_config(REPO / "configs/owt_1p4b.yaml"), 8, 8, "h100") if e.fits][:12]:
         print(format_row(e))
@@ -242,7 +241,7 @@ def predict(case: Case) -> dict:
     cfg = load_config(REPO / case.config, list(case.overrides), case.tp)
     hw = HARDWARE["cpu"]
     lay = Layout(case.tp, case.dp, case.zero_stage, case.micro_batch, 1, case.checkpointing)
-    return memory(cfg.model, lay, hw, zero_settings(cfg, hw))
+    return memory(cfg.model, lay, hw, zero_settings(cfg, hw, lay))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Runs one TokenFormerBlock (owt_124m shapes: d 768, 12 heads, 576/576/2304 parame
 backward in real gloo processes under torchrun, wraps every torch.distributed collective (and megatron's
 bound aliases of them) to record each call actually issued, and converts each call to the bytes one rank
 sends with ring algorithms: all-reduce of N elements 2(tp−1)/tp·N, reduce-scatter (N = input) and
-all-gather (N = output) (tp−1)/tp·N. Compares with the analytic minimum derived in docs/tensor_parallel.md,
-and measures Megatron's dense layer (Column/RowParallelLinear attention + 4d MLP) the same way.
+all-gather (N = output) (tp−1)/tp·N. The bytes are COUNTED from the collectives issued (their shapes), not
+measured on the wire. Compares with the analytic minimum derived in docs/tensor_parallel.md, and counts
+Megatron's dense layer (Column/RowParallelLinear attention + 4d MLP) the same way.
 
     .venv/bin/python bench/bench_tp_comm.py [--tp 2 4] [--tokens 128]
 """
@@ -221,7 +222,7 @@ def main() -> None:
         runs = json.loads(line[len("RESULT ") :])["runs"]
         print(f"\n== TP {tp} ==")
         print(
-            f"{'layer':>26} {'phase':>5} {'measured B/token':>17} {'analytic B/token':>17} {'ratio':>6}  "
+            f"{'layer':>26} {'phase':>5} {'counted B/token':>17} {'analytic B/token':>17} {'ratio':>6}  "
             f"collectives issued (op[elements])"
         )
         for name, ops in runs.items():

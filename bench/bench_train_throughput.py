@@ -2,7 +2,7 @@
 """P5: CPU training throughput at TP 1 — the trainer's stack against plain single-device PyTorch.
 
     .venv/bin/python bench/bench_train_throughput.py [--steps 1] [--rounds 40] [--threads N]
-        [--no-allocator-tuning] [--set model.d_model=256 ...]
+        [--no-allocator-tuning] [--compile] [--set model.d_model=256 ...]
 
 Both sides train the same TokenFormer (same shapes, same init) with torch AdamW (same decay groups, same
 lr) and gradient clipping on the same tokens, in ONE process (same threads, same allocator settings):
@@ -11,10 +11,18 @@ lr) and gradient clipping on the same tokens, in ONE process (same threads, same
             (`allocator.tune_cpu_allocator`, process-wide, so the baseline gets it too)
   baseline: plain nn.Modules (nn.Embedding, single-device `pattention` math, SDPA, F.cross_entropy),
             torch AdamW, clip_grad_norm_ — no megatron, no DeepSpeed
+With --compile both sides are compiled the same way, region by region (each block with `Module.compile`, as
+model/compile.py does for ours, and the loss head), on Inductor's CPU backend.
 Rounds are short and alternate the order (ABBA) so that machine noise hits both alike; prints tokens/s of
 each, the median over rounds of the wall-clock ratio ours/baseline (the P5 figure, goal >= 0.95), the
 ratio of process CPU time per token (less sensitive to other processes on a shared machine), and the
 losses of both after the same steps (equal: same math and optimizer).
+
+`--parts` (docs/training.md, "Where the time went"; use with --threads 1) instead times each part of a step
+on both sides, in ABBA rounds: forward + backward and the optimizer step (clip + AdamW; ours: DeepSpeed's
+`engine.step`), as process CPU ms and minor page faults per step (medians), then the cross entropy alone
+on this micro-batch's logits (F.cross_entropy against megatron-core's vocab_parallel_cross_entropy, the
+formula ours used at TP 1 before it switched to F.cross_entropy), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import itertools
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -112,8 +121,16 @@ class PlainTokenFormer(torch.nn.Module):
         x = self.embedding(tokens)
         for blk in self.blocks:
             x = blk(x)
-        logits = self.final_norm(x) @ self.embedding.weight.t()
+        return self.head(x, self.embedding.weight, labels)
+
+    def head(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.final_norm(x) @ weight.t()
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def compile_regions(self) -> None:
+        for blk in self.blocks:
+            blk.compile(dynamic=False)
+        self.head = torch.compile(self.head, dynamic=False)
 
 
 def adamw(model: torch.nn.Module, t) -> torch.optim.Optimizer:
@@ -134,8 +151,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per side per round")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--compile", action="store_true", help="compile both sides (regional, Inductor)")
     parser.add_argument("--no-allocator-tuning", action="store_true",
                         help="skip the trainer's glibc allocator settings (to measure what they bring)")
+    parser.add_argument("--parts", action="store_true",
+                        help="time each part of a step (forward+backward, optimizer step, cross entropy) instead")
     args = parser.parse_args()
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
@@ -158,11 +178,17 @@ def main() -> None:
     init_distributed(1)
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()  # as train.train() does on CPU
     ours_model = parallelize(TokenFormer(m, seed=t.seed), parallel_state.get_tensor_model_parallel_group())
+    if args.compile:
+        from tokenformer_dist.model.compile import compile_model
+
+        compile_model(ours_model)
     optimizer = build_optimizer(ours_model, cfg, fused=False)
     engine, *_ = deepspeed.initialize(
         model=ours_model, optimizer=optimizer, mpu=DeepSpeedMPU, config=deepspeed_config(cfg, 1, False, False)
     )
     base = PlainTokenFormer(m, t.seed)
+    if args.compile:
+        base.compile_regions()
     base_opt = adamw(base, t)
 
     gen = torch.Generator().manual_seed(0)
@@ -184,9 +210,13 @@ def main() -> None:
         base_opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    if args.parts:
+        part_breakdown(engine, base, base_opt, batch, cfg, args.rounds, tuned)
+        return
     l_ours, l_base = ours_step(), base_step()  # warm-up; the first losses agree: same init, same math
     print(
         f"model d={m.d_model} L={m.n_layers} seq={m.seq_len} micro={t.micro_batch_size} fp32, "
+        f"{'compiled' if args.compile else 'eager'}, "
         f"threads={torch.get_num_threads()}, allocator tuning {'on' if tuned else 'off'}; "
         f"first-step loss ours {l_ours:.5f} baseline {l_base:.5f}"
     )
@@ -221,6 +251,85 @@ def main() -> None:
           f"max {max(ratios):.3f}; CPU-time ratio {cpu['baseline'] / cpu['ours']:.3f}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"ratio ours/baseline {statistics.median(ratios):.3f} (median of {args.rounds} rounds; goal >= 0.95)")
+
+
+class PartTimer:
+    """Process CPU time (ms) and minor page faults of each timed call, per part name."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, list[float]] = {}
+        self.faults: dict[str, list[int]] = {}
+
+    def __call__(self, name: str, fn):
+        f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        out = fn()
+        self.ms.setdefault(name, []).append((time.process_time() - c0) * 1e3)
+        self.faults.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return out
+
+    def line(self, name: str) -> str:
+        return f"{statistics.median(self.ms[name]):8.1f} ms {statistics.median(self.faults[name]):>8,.0f} faults"
+
+
+def part_breakdown(engine, base, base_opt, batch: torch.Tensor, cfg, rounds: int, tuned: bool) -> None:
+    """--parts: each part of one step on both sides (ABBA rounds, medians), then the cross entropy alone."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    t, m = cfg.train, cfg.model
+    x, y = batch[:, :-1], batch[:, 1:]
+    timer = PartTimer()
+
+    def ours_parts() -> None:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = t.lr
+
+        def fwd_bwd() -> None:
+            engine.backward(engine(x, y))
+
+        timer("ours fwd+bwd", fwd_bwd)
+        timer("ours step", engine.step)
+
+    def base_parts() -> None:
+        for group in base_opt.param_groups:
+            group["lr"] = t.lr
+        timer("baseline fwd+bwd", lambda: base(x, y).backward())
+
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(base.parameters(), t.grad_clip)
+            base_opt.step()
+            base_opt.zero_grad(set_to_none=True)
+
+        timer("baseline step", step)
+
+    logits = torch.randn(x.numel(), m.vocab_size, generator=torch.Generator().manual_seed(1))
+    labels = y.flatten()
+
+    def fused_ce() -> None:
+        z = logits.clone().requires_grad_()
+        F.cross_entropy(z, labels).backward()
+
+    def megatron_ce() -> None:
+        z = logits.clone().requires_grad_()
+        vocab_parallel_cross_entropy(z, labels).mean().backward()
+
+    ours_parts()  # warm-up, not timed
+    base_parts()
+    timer = PartTimer()
+    for r in tqdm(range(rounds), desc="rounds", disable=not sys.stderr.isatty()):
+        for side in (base_parts, ours_parts) if r % 2 == 0 else (ours_parts, base_parts):
+            side()
+        for name, fn in (("F.cross_entropy", fused_ce), ("megatron", megatron_ce))[:: 1 if r % 2 == 0 else -1]:
+            timer(name, fn)
+    print(f"model d={m.d_model} L={m.n_layers} seq={m.seq_len} micro={t.micro_batch_size} fp32, "
+          f"threads={torch.get_num_threads()}, allocator tuning {'on' if tuned else 'off'}; median of {rounds} "
+          f"ABBA rounds, process CPU time and minor page faults per step")
+    print(f"{'part':<20}{'baseline (plain PyTorch)':>30}{'ours (ZeRO-1 engine)':>30}")
+    print(f"{'forward + backward':<20}{timer.line('baseline fwd+bwd'):>30}{timer.line('ours fwd+bwd'):>30}")
+    print(f"{'clip + AdamW step':<20}{timer.line('baseline step'):>30}{timer.line('ours step'):>30}")
+    print(f"cross entropy fwd+bwd on [{x.numel()}, {m.vocab_size}] logits: F.cross_entropy "
+          f"{statistics.median(timer.ms['F.cross_entropy']):.1f} ms, megatron vocab_parallel_cross_entropy "
+          f"{statistics.median(timer.ms['megatron']):.1f} ms")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
 
 if __name__ == "__main__":

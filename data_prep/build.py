@@ -27,6 +27,7 @@ from data_prep import sources, tokenizer
 from data_prep.runners import MB, LocalRunner, RayRunner, log, make_runner
 from data_prep.sources import DataError
 from tokenformer_dist.atomic import atomic_write_bytes
+from tokenformer_dist.cli import ArgumentParser
 from tokenformer_dist.data import FORMAT
 
 FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ SAMPLE_VAL_FRACTION = 0.05
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python data_prep/build.py",
         description="Tokenize a text corpus into zarr shards for tokenformer-dist (Ray, sentencepiece).",
     )

@@ -4,9 +4,9 @@ Several nodes on one machine: one `slurmd -N <name>` per node, each NodeName on 
 That needs a Slurm built with --enable-multiple-slurmd; Debian's slurm-wlm 22.05 is (checked when the
 second node registers: without it slurmctld refuses the config with "Duplicated NodeHostName").
 Used by tests/test_slurm.py. `SlurmCluster.start()` skips the calling test when Slurm is not installed (or
-we are not root, or the daemons do not come up: the reason is printed); every wait is bounded, since a job
-that cannot fit stays PENDING forever. Daemons it started are stopped by `stop()`; a munged that was
-already running is left alone.
+we are not root, or the daemons do not come up: the reason and the daemons' logs are printed), and fails it
+instead under CI=true (tests/ci.py); every wait is bounded, since a job that cannot fit stays PENDING
+forever. Daemons it started are stopped by `stop()`; a munged that was already running is left alone.
 Set TFD_SLURM_CONF to the slurm.conf of a cluster that is already running to use it instead.
 """
 
@@ -18,14 +18,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import pytest
-
+from tests.ci import unavailable
 from tokenformer_dist.net import free_port
 
 MUNGE_SOCKET_DIR = Path("/run/munge")
@@ -98,7 +96,7 @@ class SlurmCluster:
     def start(self) -> SlurmCluster:
         missing = [b for b in REQUIRED if shutil.which(b) is None]
         if missing:
-            pytest.skip(f"Slurm not installed (no {', '.join(missing)}; apt-get install slurm-wlm munge)")
+            unavailable(f"Slurm not installed (no {', '.join(missing)}; apt-get install slurm-wlm munge)")
         external = os.environ.get("TFD_SLURM_CONF")
         if external:
             self.conf = Path(external)
@@ -106,16 +104,16 @@ class SlurmCluster:
             self.wait_node_idle()
             return self
         if os.geteuid() != 0:
-            pytest.skip("the one-node Slurm test cluster needs root (slurmd runs jobs as their user)")
+            unavailable("the one-node Slurm test cluster needs root (slurmd runs jobs as their user)")
         self.root = Path(tempfile.mkdtemp(prefix="tfd-slurm-"))
         self.conf = self.root / "slurm.conf"
         for d in ("state", "spool", "log"):
             (self.root / d).mkdir()
         self._write_conf()
         self.env["SLURM_CONF"] = str(self.conf)
-        self._start_munged()
         # all daemonize; their pid files name them
         try:
+            self._start_munged()
             self._pidfiles.append(self.root / "slurmctld.pid")
             _run(["slurmctld", "-f", str(self.conf)], self.env)
             for node in self.nodes:
@@ -125,9 +123,9 @@ class SlurmCluster:
             self.wait_node_idle()
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             why = f"{len(self.nodes)}-node Slurm did not start: {str(e).splitlines()[0]}"
-            print(f"\nSKIP: {why}\n{self.log_tail(15)}", file=sys.stderr)
+            log = str(e) if "\n--- " in str(e) else f"{e}\n{self.log_tail(30)}"  # the daemons' logs, once
             self.stop()
-            pytest.skip(why)
+            unavailable(why, log)
         return self
 
     def _write_conf(self) -> None:

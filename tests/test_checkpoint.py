@@ -46,3 +46,30 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="no complete checkpoint"):
         resolve_checkpoint(tmp_path / "run")
+
+
+def test_load_weights_resharded_reads_any_tp_on_one_device(tmp_path):
+    """A TP-4 weights dir loaded into a one-device model through the one reader: every tensor exactly (tau
+    included); a model of another shape, or a truncated rank file, is a one-line error naming the file."""
+    from tokenformer_dist.checkpoint import load_weights_resharded
+    from tokenformer_dist.model.tokenformer import TokenFormer
+
+    small = ["model.vocab_size=64", "model.d_model=16", "model.n_heads=2", "model.n_layers=2", "model.seq_len=16",
+             "model.qkv_tokens=8", "model.proj_tokens=8", "model.ffn_tokens=16"]
+    cfg = load_config(None, small, tp=4)
+    source = TokenFormer(cfg.model, seed=3)
+    with torch.no_grad():
+        source.blocks[1].ffn.tau.fill_(7.0)  # as after a lossless expansion: not the config's default
+    out = write_sharded_weights(tmp_path / "w", cfg, source.state_dict().items(), tp=4)
+    model = TokenFormer(cfg.model, init_weights=False)
+    load_weights_resharded(model, out)
+    got = model.state_dict()
+    for name, want in source.state_dict().items():
+        torch.testing.assert_close(got[name], want, rtol=0, atol=0, msg=name)
+    other = TokenFormer(load_config(None, [*small, "model.ffn_tokens=32"]).model, init_weights=False)
+    with pytest.raises(ValueError, match="ffn.key_tokens has shape"):
+        load_weights_resharded(other, out)
+    shard = out / "model_tp03.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="model_tp03.safetensors: truncated"):
+        load_weights_resharded(model, out)

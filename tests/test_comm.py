@@ -1,12 +1,14 @@
-"""The collectives rule, the GPU fail-fast and the vocab check (CPU, no process group needed)."""
+"""The collectives rule and its compute-device rule, the GPU fail-fast and the vocab check (CPU, one process)."""
 
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tests.dist_scripts.train_helpers import TINY
 from tokenformer_dist import comm
@@ -59,6 +61,47 @@ def test_comm_functions_return_on_the_compute_device_without_a_group():
     t = comm.all_reduce_sum(torch.ones(3))
     assert t.device == comm.device() and torch.equal(t, torch.ones(3))
     assert comm.any_rank(True).item() and not comm.any_rank(False).item()
+    comm.barrier()
+
+
+# every public function of comm.py that takes a tensor (or a flag), with a call of it; the device getters and
+# barrier (no tensor) aside. A new collective in comm.py must be added here.
+TENSOR_FUNCTIONS = {
+    "all_reduce_sum": lambda: comm.all_reduce_sum(torch.ones(3)),
+    "all_reduce_max": lambda: comm.all_reduce_max(torch.ones(3)),
+    "any_rank": lambda: comm.any_rank(True),
+}
+NO_TENSOR = {"set_device", "device", "is_distributed", "barrier"}
+
+
+@pytest.fixture
+def meta_compute_device():
+    """The meta device registered as the compute device: on CPU the inputs' device (cpu) is then not it, as
+    a host tensor is not the GPU under NCCL."""
+    before = comm.device()
+    comm.set_device(torch.device("meta"))
+    yield torch.device("meta")
+    comm.set_device(before)
+
+
+@pytest.fixture(params=["no group", "world-1 gloo group"])
+def group_or_none(request, tmp_path):
+    if request.param == "no group":
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_comm_function_moves_its_tensor_to_the_compute_device(meta_compute_device, group_or_none):
+    public = {name for name, f in vars(comm).items()
+              if inspect.isfunction(f) and f.__module__ == comm.__name__ and not name.startswith("_")}
+    assert public == set(TENSOR_FUNCTIONS) | NO_TENSOR, "comm.py's functions changed: update TENSOR_FUNCTIONS"
+    for name, call in TENSOR_FUNCTIONS.items():
+        assert call().device == meta_compute_device, name
     comm.barrier()
 
 

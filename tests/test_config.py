@@ -19,12 +19,18 @@ NOMINAL = {
 }
 
 
+# Counts against the rounded names, measured: at most 1.25% off (pile_150m: 151.9M; the OWT ladder within
+# 0.35%). The bugs this must catch land further off, measured: one layer too few ≥ 1.85% (pile_1p5b, 40
+# layers), half the FFN tokens ≥ 17%, the tied embedding counted twice ≥ 2.8% (owt_1p4b).
+PARAM_COUNT_REL = 0.015
+
+
 @pytest.mark.parametrize("name", sorted(NOMINAL))
-def test_parameter_counts_within_2_percent_of_names(name):
+def test_parameter_counts_match_names(name):
     cfg = load_config(CONFIGS / f"{name}.yaml", tp=8)  # every ladder config must shard at TP 8
     nominal, counted = NOMINAL[name]
     count = param_count(cfg.model) if counted == "total" else non_embedding_param_count(cfg.model)
-    assert abs(count - nominal) / nominal <= 0.02, (name, count)
+    assert abs(count - nominal) / nominal <= PARAM_COUNT_REL, (name, count)
 
 
 def test_owt_ladder_shares_shape_and_grows():

@@ -3,6 +3,7 @@ second `ray start --address`, each with its own temp dir, one CPU and a resource
 spread over both raylets. The output equals a local build byte for byte; Ray's own task records (GCS task
 events) show tasks on both nodes; inputs that a node cannot see (its own mount namespace hides their
 directory) are refused with one line; killing the worker node mid-build still ends in the same bytes.
+A cluster that cannot start skips these tests (with the nodes' logs), or fails them under CI=true (tests/ci.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.build import main
+from tests.ci import unavailable
 from tests.data_fixtures import dataset_files, make_docs, write_jsonl
 from tests.dist import REPO, REPO_PYTHONPATH
 from tokenformer_dist.net import free_port
@@ -63,12 +65,14 @@ class RayNodes:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
-        self.dirs: list[Path] = []
+        self.dirs: list[Path] = []  # removed by stop()
+        self.temp: dict[str, Path] = {}  # each node's temp dir (its `ray start` output and Ray's logs)
         self.hidden: Path | None = None  # a directory the worker node cannot see
 
     def start(self, name: str, head: bool = False, wrap: list[str] | None = None, **env: str) -> None:
         temp = Path(tempfile.mkdtemp(prefix=f"tfd{name[:2]}", dir="/tmp"))  # short: Ray's socket paths
         self.dirs.append(temp)
+        self.temp[name] = temp
         where = ["--head", "--port", str(self.port), "--include-dashboard=false"] if head else \
             ["--address", self.address]
         cmd = [str(RAY), "start", "--block", *where, "--num-cpus", "1", "--temp-dir", str(temp),
@@ -88,10 +92,19 @@ class RayNodes:
                 return
             for n, p in self.procs.items():
                 if p.poll() is not None and (name is None or n == name):
-                    tail = (self.dirs[list(self.procs).index(n)] / "start.log").read_text()[-1500:]
+                    tail = (self.temp[n] / "start.log").read_text(errors="replace")[-1500:]
                     raise RuntimeError(f"`ray start` for {n} exited {p.returncode}:\n{tail}")
             time.sleep(0.5)
         raise RuntimeError(f"no {what} after {timeout:.0f} s")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of every node's `ray start` output and raylet log (why a node did not come up)."""
+        out = []
+        for d in self.temp.values():
+            for f in (d / "start.log", d / "session_latest/logs/raylet.err", d / "session_latest/logs/gcs_server.err"):
+                if f.is_file():
+                    out.append(f"--- {f}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
 
     def stop(self, name: str | None = None, kill: bool = False) -> None:
         for n in [name] if name else list(self.procs)[::-1]:
@@ -148,7 +161,7 @@ def cluster() -> Iterator[RayNodes]:
     """Head + worker. As root, the worker node runs in its own mount namespace in which `nodes.hidden` (a
     directory every other process sees) is an empty tmpfs: a node without part of the shared filesystem."""
     if not RAY.is_file():
-        pytest.skip(f"no ray CLI at {RAY}")
+        unavailable(f"no ray CLI at {RAY}")
     nodes = RayNodes()
     nodes.hidden = Path(tempfile.mkdtemp(prefix="tfd-hidden-", dir="/tmp"))
     nodes.dirs.append(nodes.hidden)
@@ -162,9 +175,9 @@ def cluster() -> Iterator[RayNodes]:
         nodes.start("head", head=True)
         nodes.start("worker", wrap=wrap, TFD_BUILD_UNIT_DELAY=str(UNIT_DELAY_S))
     except RuntimeError as e:
+        log = f"{e}\n{nodes.log_tail()}"
         nodes.stop()
-        print(f"\nSKIP: a two-node Ray cluster did not start: {e}")
-        pytest.skip(f"a two-node Ray cluster did not start: {str(e).splitlines()[0]}")
+        unavailable(f"a two-node Ray cluster did not start: {str(e).splitlines()[0]}", log)
     yield nodes
     nodes.stop()
 
@@ -197,7 +210,7 @@ def test_a_node_that_cannot_see_the_inputs_is_refused(cluster: RayNodes, tmp_pat
     """Inputs in a directory that the worker node does not see (its mount namespace hides it): the build
     refuses to start, naming the node and the file, and leaves no manifest."""
     if cluster.hidden is None:
-        pytest.skip("needs root and unshare(1) for a node with its own mount namespace")
+        unavailable("needs root and unshare(1) for a node with its own mount namespace")
     src = write_jsonl(cluster.hidden / "docs.jsonl", make_docs(40))
     rc = main(["--input", str(src), "--vocab-size", str(VOCAB), "--no-progress", "--output", str(tmp_path / "out"),
                "--ray-address", cluster.address])

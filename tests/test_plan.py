@@ -19,6 +19,7 @@ from tokenformer_dist.plan import (
     params_per_rank,
     plan,
     tp_layer_comm_bytes,
+    zero_settings,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def test_cli_last_line_is_the_pick_as_json(capsys):
     assert len(marked) == 1 and marked[0].split()[:2] == [str(pick["tp"]), str(pick["dp"])]
     # fixed flags: every row printed has them
     assert main([*argv, "--tp", "4", "--zero-stage", "1", "--activation-checkpointing", "on"]) == 0
-    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[3:-1]]
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[:-1] if ln.split()[0].isdigit()]
     assert rows and all(r[0] == "4" and r[2] == "1" and r[5] == "on" for r in rows)
 
 
@@ -159,4 +160,56 @@ def test_owt_configs_follow_the_planner_for_their_sbatch_geometry(stage):
     assert (p.tp, p.zero_stage, t.micro_batch_size, t.grad_accum_steps, p.activation_checkpointing) == \
         (lay.tp, lay.zero_stage, lay.micro_batch, lay.grad_accum, lay.activation_checkpointing)
     tokens = t.steps * t.micro_batch_size * t.grad_accum_steps * (nodes * gpus // p.tp) * cfg.model.seq_len
-    assert abs(tokens / SBATCH[stage] - 1) < 0.05
+    # measured: within 1e-5 of the budget (steps round to whole steps of 524,288 tokens); a batch geometry
+    # changed without its steps moves it by at least one sample of the micro-batch (16 here: 6%), a TP or
+    # accumulation change by 50% or more
+    assert abs(tokens / SBATCH[stage] - 1) < 1e-3
+
+
+# the one GPU measurement (docs/performance.md §7): owt_124m bf16 eager, TP 1, ZeRO 1, micro-batch 8, one H200,
+# with DeepSpeed's synchronizing throughput timer still on (host and device in series)
+H200_EAGER_TOKENS_PER_S = 78_027
+
+
+def test_planner_reproduces_the_h200_eager_measurement():
+    """Issue 19: the host term (launches × HOST_LAUNCH_S) brings the eager prediction to the measured 78k
+    tokens/s within 25%; without it the planner said 377k (4.8× optimistic)."""
+    cfg = _cfg("owt_124m.yaml")
+    args = dict(tp=1, micro_batch=8, zero_stage=1, checkpointing=False)
+    serial = plan(cfg, 1, 1, "h200", **args, compile=False, host_serial=True)[0]
+    assert abs(serial.tokens_per_s / H200_EAGER_TOKENS_PER_S - 1) <= 0.25, serial.tokens_per_s
+    assert serial.host_s > 3 * serial.compute_s  # host-bound: thousands of small eager ops
+    # the fixed code overlaps host and device; compiled, the host launches ~1/16 of the ops and the device
+    # makes fewer elementwise passes: the step is bound by the device again
+    eager = plan(cfg, 1, 1, "h200", **args, compile=False)[0]
+    compiled = plan(cfg, 1, 1, "h200", **args, compile=True)[0]
+    assert eager.step_s == pytest.approx(eager.host_s) and eager.tokens_per_s > serial.tokens_per_s
+    assert compiled.host_s < compiled.compute_s and compiled.elementwise_s < eager.elementwise_s / 2
+    assert compiled.mfu > 4 * eager.mfu and compiled.layout.compile and not eager.layout.compile
+    # a GPU plan compiles by default (train.compile: auto), a CPU plan does not
+    assert plan(cfg, 1, 1, "h200", **args)[0].layout.compile
+    assert not plan(cfg, 1, 1, "cpu", **args)[0].layout.compile
+
+
+@pytest.mark.parametrize(("zero", "accum", "grad_bytes", "bf16_optimizer"), [
+    (0, 1, 2, False),  # no ZeRO: DeepSpeed refuses a bf16/fp32 mix, gradients stay bf16
+    (1, 1, 2, False),  # one micro-batch: the ZeRO optimizer (hooks, overlap), bf16 gradients reduced in fp32
+    (1, 4, 4, True),   # accumulation: fp32 accumulation selects BF16_Optimizer
+    (2, 4, 2, False),  # ZeRO 2 ignores grad_accum_dtype: its partition stays in the parameter dtype
+    (3, 4, 4, False),  # ZeRO 3 honours it: fp32 gradient partitions
+])
+def test_gradient_bytes_follow_the_deepspeed_path(zero, accum, grad_bytes, bf16_optimizer):
+    """The planner's gradient dtype per ZeRO stage in bf16 is what DeepSpeed does with the config ds_config.py
+    builds (engine._do_optimizer_sanity_check, stage_1_and_2, stage3); the reduction is fp32 throughout
+    (parallel.grad_reduce_dtype)."""
+    cfg, hw = _cfg("owt_124m.yaml"), HARDWARE["h100"]
+    lay = Layout(1, 8, zero, 8, accum, False, True)
+    zs = zero_settings(cfg, hw, lay)
+    assert (zs.grad_bytes, zs.reduce_bytes, zs.bf16_optimizer, zs.overlap_comm) == (grad_bytes, 4, bf16_optimizer,
+                                                                                   zero > 0)
+    mem = memory(cfg.model, lay, hw, zs)
+    p = params_per_rank(cfg.model, 1)
+    assert mem["grads"] == pytest.approx(p * grad_bytes / (8 if zero >= 2 else 1))
+    assert (mem["bucket"] == 0) == (zero == 0 or bf16_optimizer)
+    on_cpu = zero_settings(cfg, HARDWARE["cpu"], lay)  # fp32 on CPU: nothing to cast, no side stream to overlap on
+    assert (on_cpu.grad_bytes, on_cpu.reduce_bytes, on_cpu.overlap_comm) == (4, 4, False)

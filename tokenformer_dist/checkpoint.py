@@ -41,8 +41,15 @@ from safetensors.torch import load_file, save_file
 from tokenformer_dist import comm
 from tokenformer_dist.atomic import atomic_path, atomic_write_text
 from tokenformer_dist.config import Config, config_yaml, load_config
-from tokenformer_dist.sharding import is_tp_sharded, join_parts, universal_checkpoint_info, universal_restore_meta
-from tokenformer_dist.weights import CONFIG, META, checkpoint_tp, is_weights_dir, rank_file
+from tokenformer_dist.sharding import (
+    full_shape,
+    is_tp_sharded,
+    join_parts,
+    local_part,
+    universal_checkpoint_info,
+    universal_restore_meta,
+)
+from tokenformer_dist.weights import CONFIG, META, checkpoint_tp, is_weights_dir, load_weights, rank_file
 
 LATEST = "latest"
 UNIVERSAL = "universal"
@@ -169,20 +176,50 @@ def open_checkpoint(path: str | Path, tp: int | None = None) -> tuple[Path, Conf
     return ckpt, read_config(ckpt), written
 
 
+def check_rank_files(ckpt_dir: Path, tp: int) -> None:
+    """A one-line error naming the file when a rank's weights file is missing, truncated or not safetensors."""
+    for r in range(tp):
+        path = rank_file(ckpt_dir, r)
+        if not path.is_file():
+            raise ValueError(f"{path}: missing checkpoint shard (the checkpoint was written at tp={tp})")
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")  # safetensors: u64 LE header size, JSON header
+                header = json.loads(f.read(header_len)) if 0 < header_len < size else None
+            end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                                       default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            end = None
+        if end is None:
+            raise ValueError(f"{path}: not a safetensors file, or its header is truncated")
+        if size < end:
+            raise ValueError(f"{path}: truncated checkpoint shard ({size} of {end} bytes)")
+
+
+def weight_specs(ckpt_dir: str | Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, full shape) of every weight of a checkpoint or weights dir, from the safetensors headers only,
+    in the order `iter_weight_blocks` yields them."""
+    d = resolve_checkpoint(ckpt_dir)
+    tp = checkpoint_tp(d)
+    check_rank_files(d, tp)
+    with safe_open(str(rank_file(d, 0)), framework="pt") as f:
+        return [(name, full_shape(name, tuple(f.get_slice(name).get_shape()), tp)) for name in sorted(f.keys())]
+
+
 def iter_weight_blocks(ckpt_dir: str | Path) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """(name, row blocks) of every weight of a checkpoint or weights dir, one tensor at a time.
 
-    A TP-sharded tensor comes as its per-rank blocks in rank order (`sharding.join_parts` makes them the full
-    tensor); a replicated one (and a tau buffer) as [rank 0's copy]. Blocks are read from memory-mapped
-    safetensors files, so memory is bounded by one tensor. Names come in a fixed (sorted) order.
+    The one reader of per-TP-rank weights: evaluation and generation at any TP (`load_weights_resharded`),
+    the expansion tool and the HF export read through it. A TP-sharded tensor comes as its per-rank blocks in
+    rank order (`sharding.join_parts` makes them the full tensor); a replicated one (and a tau buffer) as
+    [rank 0's copy]. Blocks are read from memory-mapped safetensors files, so memory is bounded by one tensor.
+    Names come in a fixed (sorted) order.
     """
     d = resolve_checkpoint(ckpt_dir)
     tp = checkpoint_tp(d)
-    files = [rank_file(d, r) for r in range(tp)]
-    for f in files:
-        if not f.is_file():
-            raise ValueError(f"{f}: missing weights file (checkpoint written at tp={tp})")
-    handles = [safe_open(str(f), framework="pt") for f in files]
+    check_rank_files(d, tp)
+    handles = [safe_open(str(rank_file(d, r)), framework="pt") for r in range(tp)]
     for name in sorted(handles[0].keys()):
         yield name, [h.get_tensor(name) for h in (handles if is_tp_sharded(name) else handles[:1])]
 
@@ -191,6 +228,37 @@ def iter_full_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
     """Full (unsharded) fp32 tensors by state_dict name, one at a time (see `iter_weight_blocks`)."""
     for name, blocks in iter_weight_blocks(ckpt_dir):
         yield name, join_parts(name, blocks).float()
+
+
+@torch.no_grad()
+def load_weights_resharded(model: torch.nn.Module, path: str | Path) -> None:
+    """Fill `model` (a TokenFormer on one device, or one TP rank's part of it) from a run dir, checkpoint or
+    weights dir written at ANY tensor-parallel degree and ZeRO stage (the per-TP-rank fp32 master weights).
+
+    At the degree it was written at, this rank's file is read (`weights.load_weights`). At another degree,
+    every tensor is read whole, one at a time (`iter_full_weights`), and this rank keeps its part of it by the
+    sharding table: memory is the model plus one full tensor.
+    """
+    regions = getattr(model, "tp", None)  # the model's TP regions (model/mappings.py); none: one device
+    tp, tp_rank = (regions.size, regions.rank) if regions is not None else (1, 0)
+    src = resolve_checkpoint(path)
+    if checkpoint_tp(src) == tp:
+        load_weights(model, src)
+        return
+    state = model.state_dict()
+    seen = set()
+    for name, full in iter_full_weights(src):
+        if name not in state:
+            raise ValueError(f"{src}: weights do not match the model (unexpected {name})")
+        part = local_part(name, full, tp_rank, tp)
+        if part.shape != state[name].shape:
+            raise ValueError(f"{src}: {name} has shape {tuple(full.shape)}, the model at tp={tp} expects "
+                             f"{full_shape(name, tuple(state[name].shape), tp)}")
+        state[name].copy_(part)
+        seen.add(name)
+    missing = sorted(set(state) - seen)
+    if missing:
+        raise ValueError(f"{src}: weights do not match the model (missing {missing[:5]})")
 
 
 def _full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
@@ -356,5 +424,7 @@ def restore_buffers(module: torch.nn.Module, ckpt_dir: Path, tp_rank: int) -> No
     and tau may differ from its config default after a lossless expansion."""
     with safe_open(str(rank_file(ckpt_dir, tp_rank if rank_file(ckpt_dir, tp_rank).is_file() else 0)),
                    framework="pt") as f:
+        saved = set(module.state_dict())  # persistent buffers only (rotary frequencies are not saved)
         for name, buf in module.named_buffers():
-            buf.copy_(f.get_tensor(name))
+            if name in saved:
+                buf.copy_(f.get_tensor(name))

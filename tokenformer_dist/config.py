@@ -20,6 +20,8 @@ NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 PATTENTION_IMPLS = ("lean", "reference")  # two implementations of the same function (model/pattention.py)
 DTYPES = ("auto", "fp32", "bf16")
 REDUCE_DTYPES = ("fp32", "bf16")
+COMPILE_SETTINGS = ("auto", True, False)  # train.compile; auto = on for CUDA, off on CPU
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,11 @@ class TrainConfig:
     # ranks agree on a preemption signal every this many steps (one host sync each time): a SIGTERM/SIGUSR1
     # is acted on after at most this many further steps
     preempt_check_every: int = 10
+    # regional torch.compile of the blocks and the loss head (model/compile.py): auto | true | false; auto is
+    # on for CUDA (where eager is host-bound: thousands of small kernels per step), off on CPU (compile time)
+    compile: bool | str = "auto"
+    # torch.compile's mode; "reduce-overhead" adds CUDA graphs (docs/performance.md says what was measured)
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -183,6 +190,11 @@ def validate(cfg: Config) -> Config:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{src}: {key} must be one of {', '.join(valid)}, got {value!r}")
+    if t.compile not in COMPILE_SETTINGS or isinstance(t.compile, int) and not isinstance(t.compile, bool):
+        raise ConfigError(f"{src}: train.compile must be one of auto, true, false, got {t.compile!r}")
+    if t.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"{src}: train.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                          f"got {t.compile_mode!r}")
     if cfg.data.prefetch_batches < 0:
         raise ConfigError(f"{src}: data.prefetch_batches must be >= 0, got {cfg.data.prefetch_batches}")
     if p.zero_stage not in (0, 1, 2, 3):
@@ -209,6 +221,11 @@ def validate(cfg: Config) -> Config:
                 f"{src}: model.{key}={n} is not divisible by parallel.tp={p.tp}; nearest valid: {valid}"
             )
     return cfg
+
+
+def compile_on(cfg: Config, device_type: str) -> bool:
+    """Whether `train.compile` compiles on a device of this type ("cuda", "cpu")."""
+    return cfg.train.compile is True or (cfg.train.compile == "auto" and device_type == "cuda")
 
 
 def read_yaml(path: str | Path, what: str = "config") -> Any:
@@ -263,7 +280,9 @@ def add_config_args(parser: argparse.ArgumentParser, config_required: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from tokenformer_dist.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tp", type=int, default=None)

@@ -1,26 +1,26 @@
 """Validation loss over a dataset's val split.
 
-    torchrun --nproc_per_node N -m tokenformer_dist.evaluate --ckpt PATH --data DIR [--tp N] [--json]
+    python -m tokenformer_dist.evaluate --ckpt PATH --data DIR [--json]                         # TP 1
+    torchrun --nproc_per_node N -m tokenformer_dist.evaluate --ckpt PATH --data DIR [--tp T] [--json]
 
-PATH: a run directory (its latest checkpoint), one trainer checkpoint, or a weights dir. With --json the
-last line is {"loss": ..., "ppl": ..., "tokens": ...}.
+PATH: a run directory (its latest checkpoint), one trainer checkpoint, or a weights dir, written at any TP
+degree and ZeRO stage: plain `python` runs at TP 1, a launch of N processes at --tp (default: the largest degree
+dividing N and the checkpoint's TP), resharding on load (inference.py). With --json the last line is
+{"loss": ..., "ppl": ..., "tokens": ...}.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
 import numpy as np
 import torch
-from megatron.core import parallel_state
 from tqdm import tqdm
 
 from tokenformer_dist import comm
 from tokenformer_dist.model.attention import pair_batch_multiple
-from tokenformer_dist.model.tensor_parallel import build_parallel_model
 
 
 @torch.no_grad()
@@ -41,10 +41,12 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
         n = min(n, max_batches * micro_batch)
     if n <= 0:
         raise ValueError(f"{data_dir}: split {split!r} has no window of {seq_len + 1} tokens")
-    distributed = comm.is_distributed()
-    dp = parallel_state.get_data_parallel_world_size() if distributed else 1
-    dp_rank = parallel_state.get_data_parallel_rank() if distributed else 0
-    tp = parallel_state.get_tensor_model_parallel_world_size() if distributed else 1
+    dp, dp_rank, tp, dp_group = 1, 0, 1, None  # one plain process: no process group, no megatron-core
+    if comm.is_distributed():
+        from megatron.core import parallel_state
+
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        tp, dp_group = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_group()
     n_heads = getattr(getattr(model, "cfg", None), "n_heads", 1)
     mine = list(range(dp_rank, n, dp))
     # every rank of a TP group must run the same number of batches of the same size
@@ -72,52 +74,49 @@ def evaluate(model: torch.nn.Module, data_dir: str, seq_len: int, micro_batch: i
     model.train(was_training)
     totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
     if dp > 1:
-        totals = comm.all_reduce_sum(totals, group=parallel_state.get_data_parallel_group())
+        totals = comm.all_reduce_sum(totals, group=dp_group)
     loss_total, tokens = totals.tolist()
     loss = loss_total / tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tokenformer_dist import inference
     from tokenformer_dist.checkpoint import open_checkpoint
-    from tokenformer_dist.parallel import destroy_distributed, init_distributed
-    from tokenformer_dist.weights import load_weights
+    from tokenformer_dist.cli import ArgumentParser, user_error
+    from tokenformer_dist.data import TokenShards
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir (any TP, any ZeRO)")
     parser.add_argument("--data", required=True, help="built dataset dir (uses its val split)")
-    parser.add_argument("--tp", type=int, default=None, help="TP degree (default: the checkpoint's)")
+    parser.add_argument("--tp", type=int, default=None, help="TP degree (plain python: 1; under torchrun, "
+                                                             "default: the largest dividing N and the checkpoint's)")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
     parser.add_argument("--batches", type=int, default=None, help="cap on micro-batches (default: all)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     args = parser.parse_args(argv)
+    launch = None
     try:
-        ckpt, cfg, tp = open_checkpoint(args.ckpt, args.tp)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        info = init_distributed(tp, cfg.parallel.dist_timeout_minutes, seed=cfg.train.seed)
-    except ValueError as e:  # e.g. GPUs given but no CUDA
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        model = build_parallel_model(cfg.model, parallel_state.get_tensor_model_parallel_group(),
-                                     init_weights=False, device=info.device)  # every weight is loaded next
-        load_weights(model, ckpt)
+        for flag, value in (("--micro-batch", args.micro_batch), ("--batches", args.batches)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{flag} {value}: must be a positive integer")
+        ckpt, cfg, ckpt_tp = open_checkpoint(args.ckpt)
+        tp = inference.choose_tp(args.tp, ckpt_tp, cfg, inference.launch_world_size())
+        TokenShards(args.data, args.split)  # a bad --data or --split fails here, before any process group
+        launch = inference.start(tp, cfg)
+        model = inference.load_model(ckpt, launch.device, launch.tp_group)
         result = evaluate(model, args.data, cfg.model.seq_len, args.micro_batch or cfg.train.micro_batch_size,
-                          args.batches, split=args.split, progress=info.is_main)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        destroy_distributed()
-        return 2
-    if info.is_main:
-        print(f"{ckpt}: {args.split} loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  "
-              f"tokens {result['tokens']}  (fp32 master weights)")
+                          args.batches, split=args.split, progress=launch.is_main)
+    except (ValueError, OSError) as e:  # DatasetError, ConfigError and parallel.LaunchError are ValueErrors
+        inference.finish(launch)
+        return user_error(e)
+    if launch.is_main:
+        print(f"{ckpt} (written at tp {ckpt_tp}, evaluated at tp {tp}): {args.split} loss {result['loss']:.4f}  "
+              f"ppl {result['ppl']:.2f}  tokens {result['tokens']}  (fp32 master weights)")
         if args.json:
             print(json.dumps(result))
-    destroy_distributed()
+    inference.finish(launch)
     return 0
 
 

@@ -11,23 +11,22 @@ import dataclasses
 import hashlib
 import json
 import queue
-import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from tokenformer_dist.atomic import atomic_dir
-from tokenformer_dist.checkpoint import checkpoint_tp, iter_weight_blocks, read_config, resolve_checkpoint
+from tokenformer_dist.checkpoint import checkpoint_tp, iter_weight_blocks, read_config, resolve_checkpoint, weight_specs
 from tokenformer_dist.config import Config, config_yaml, validate
 from tokenformer_dist.expand_optimizer import check_source, expand_optimizer_state
 from tokenformer_dist.growth import Growth
 from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
-from tokenformer_dist.sharding import full_shape, is_tp_sharded, local_shape, shard_range
+from tokenformer_dist.sharding import is_tp_sharded, local_shape, shard_range
 from tokenformer_dist.weights import CONFIG, FORMAT, MANIFEST, rank_file
 
 T = TypeVar("T")
@@ -42,38 +41,6 @@ def rows_of(blocks: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
             pieces.append(block[lo - offset:hi - offset])
         offset += block.shape[0]
     return pieces
-
-
-def check_rank_files(ckpt_dir: Path, tp: int) -> None:
-    """A one-line error naming the file when a rank's weights file is missing, truncated or not safetensors."""
-    for r in range(tp):
-        path = rank_file(ckpt_dir, r)
-        if not path.is_file():
-            raise ValueError(f"{path}: missing checkpoint shard (the checkpoint was written at tp={tp})")
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as f:
-                header_len = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(header_len)) if 0 < header_len < size else None
-        except (struct.error, ValueError):
-            header = None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: not a safetensors file, or its header is truncated")
-        end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                                   default=0)
-        if size < end:
-            raise ValueError(f"{path}: truncated checkpoint shard ({size} of {end} bytes)")
-
-
-def full_specs(ckpt_dir: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, full shape) of every weight in a checkpoint, read from the safetensors headers only."""
-    tp = checkpoint_tp(ckpt_dir)
-    check_rank_files(ckpt_dir, tp)
-    specs = []
-    with safe_open(str(rank_file(ckpt_dir, 0)), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            specs.append((name, full_shape(name, tuple(f.get_slice(name).get_shape()), tp)))
-    return specs
 
 
 def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config, init: str = "exact",
@@ -92,7 +59,7 @@ def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config,
     if keep_optimizer:
         check_source(src_dir)  # fail before writing anything
     try:
-        specs = [(name, growth.shape(name, shape)) for name, shape in full_specs(src_dir)]
+        specs = [(name, growth.shape(name, shape)) for name, shape in weight_specs(src_dir)]
         rank_specs = [(name, local_shape(name, shape, tp), torch.float32) for name, shape in specs]
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{rank_file(src_dir, 0)}: unreadable checkpoint weights ({e})") from None

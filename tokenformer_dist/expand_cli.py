@@ -12,11 +12,11 @@ arguments of the same name (--init → init, --seed → seed, --keep-optimizer �
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
+from tokenformer_dist.cli import ArgumentParser
 from tokenformer_dist.config import ConfigError, load_config
 from tokenformer_dist.expand import expand_checkpoint
 from tokenformer_dist.growth import INIT_MODES, KINDS, grown_counts, token_counts, with_counts
@@ -37,7 +37,7 @@ def parse_tokens(spec: str) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="run directory, trainer checkpoint, or an earlier output")
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--tp", type=int, required=True, help="tensor-parallel degree to write for")

@@ -3,8 +3,9 @@
     python -m tokenformer_dist.generate --ckpt RUN_OR_CKPT --prompt "The river" [--max-new-tokens 64]
     torchrun --nproc_per_node 2 -m tokenformer_dist.generate --ckpt RUN_OR_CKPT --prompt-file p.txt --json
 
-PATH: a run directory (its latest checkpoint), one trainer checkpoint, or a weights dir, at the TP degree it
-was written at (reshard with `tools/expand_tokens.py --grow 1 --tp N`). The prompt is encoded with the
+PATH: a run directory (its latest checkpoint), one trainer checkpoint, or a weights dir, written at any TP
+degree and ZeRO stage: plain `python` runs at TP 1, a launch of N processes at --tp (default: the largest degree
+dividing N and the checkpoint's TP), resharding on load (inference.py). The prompt is encoded with the
 dataset's sentencepiece model (the checkpoint's `data.path`/tokenizer.model, or a tokenizer shipped in a
 weights dir; `--tokenizer` overrides) exactly as data_prep encodes documents (no BOS, no EOS), and decoding
 stops at the end-of-document id. Greedy when --temperature is 0 (the default). With --json the last line is
@@ -16,17 +17,17 @@ so each new token costs one position's forward; `--no-cache` recomputes the whol
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from tokenformer_dist.inference import load_model
 from tokenformer_dist.model.attention import KVCache
 
 SPM_NAME = "tokenizer.model"
@@ -55,12 +56,7 @@ class Tokenizer:
             self.eod_id = 0 if eod is None else eod
             self.vocab_size = self._hf.get_vocab_size()
         else:
-            import sentencepiece as spm
-
-            try:
-                self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-            except (OSError, RuntimeError):
-                raise ValueError(f"{self.path}: not a sentencepiece model") from None
+            self._sp = load_sentencepiece(self.path)
             self._hf = None
             self.eod_id = self._sp.eos_id()
             self.vocab_size = self._sp.vocab_size()
@@ -75,6 +71,16 @@ class Tokenizer:
         if self._sp is not None:
             return self._sp.decode(ids)
         return self._hf.decode(ids)
+
+
+def load_sentencepiece(path: str | Path) -> Any:
+    """A sentencepiece processor of the model file `path`, or a one-line ValueError naming it."""
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError):
+        raise ValueError(f"{path}: not a sentencepiece model") from None
 
 
 def find_tokenizer(ckpt: Path, data_path: str | None, override: str | Path | None = None) -> Path:
@@ -166,39 +172,13 @@ def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     return out
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def load_model(ckpt: str | Path, device: torch.device | str = "cpu",
-               tp_group: torch.distributed.ProcessGroup | None = None) -> torch.nn.Module:
-    """The model of a run / checkpoint / weights dir in eval mode: on one device (no process group needed)
-    for a TP-1 checkpoint, or this rank's part under `tp_group` for one written at that TP degree."""
-    from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
-    from tokenformer_dist.model.tokenformer import TokenFormer
-    from tokenformer_dist.weights import load_weights
-
-    path = resolve_checkpoint(ckpt)
-    cfg = read_config(path).model
-    if tp_group is not None and tp_group.size() > 1:
-        from tokenformer_dist.model.tensor_parallel import build_parallel_model
-
-        model = build_parallel_model(cfg, tp_group, init_weights=False, device=device)  # this rank's part only
-    else:
-        model = TokenFormer(cfg, init_weights=False).to(device)
-    load_weights(model, path)
-    return model.eval()
-
-
-def _finish(info: object | None) -> None:
-    if info is not None:
-        from tokenformer_dist.parallel import destroy_distributed
-
-        destroy_distributed()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from tokenformer_dist import inference
     from tokenformer_dist.checkpoint import open_checkpoint
+    from tokenformer_dist.cli import ArgumentParser, user_error
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="run dir, checkpoint dir or weights dir (any TP, any ZeRO)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", type=Path, help="file holding the prompt text (UTF-8)")
@@ -207,16 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the K most likely (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same tokens on every TP rank)")
-    parser.add_argument("--tp", type=int, default=None, help="TP degree (default: the checkpoint's)")
+    parser.add_argument("--tp", type=int, default=None, help="TP degree (plain python: 1; under torchrun, "
+                                                             "default: the largest dividing N and the checkpoint's)")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: found from the ckpt)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     args = parser.parse_args(argv)
+    launch = None
     try:
         if args.max_new_tokens <= 0:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be > 0")
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check()
-        ckpt, cfg, tp = open_checkpoint(args.ckpt, args.tp)
+        ckpt, cfg, ckpt_tp = open_checkpoint(args.ckpt)
+        tp = inference.choose_tp(args.tp, ckpt_tp, cfg, inference.launch_world_size())
         tokenizer = Tokenizer(find_tokenizer(ckpt, cfg.data.path, args.tokenizer))
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"{tokenizer.path}: vocabulary {tokenizer.vocab_size} is larger than the model's "
@@ -228,36 +211,21 @@ def main(argv: list[str] | None = None) -> int:
         if len(ids) + args.max_new_tokens > cfg.model.seq_len:
             print(f"note: {len(ids)} prompt + {args.max_new_tokens} new tokens run past the trained context of "
                   f"{cfg.model.seq_len} positions", file=sys.stderr)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # one process at TP 1 needs no process group and no megatron-core (the model is plain torch)
-    info, group = None, None
-    if tp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_PROCID" in os.environ:
-        from megatron.core import parallel_state
-
-        from tokenformer_dist.parallel import init_distributed
-
-        info = init_distributed(tp)
-        group = parallel_state.get_tensor_model_parallel_group()
-    is_main = info is None or info.is_main
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if info is None else info.device
-    try:
-        model = load_model(ckpt, device, group)
+        launch = inference.start(tp, cfg)
+        model = load_model(ckpt, launch.device, launch.tp_group)
         start = time.perf_counter()
         out = generate_ids(model, ids, args.max_new_tokens, tokenizer.eod_id, sampling,
                            use_cache=not args.no_cache)
         seconds = time.perf_counter() - start
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        _finish(info)
-        return 2
-    if is_main:
+    except (ValueError, OSError) as e:  # ConfigError and parallel.LaunchError are ValueErrors
+        inference.finish(launch)
+        return user_error(e)
+    if launch.is_main:
         completion = tokenizer.decode(out)
         print(text + completion)
         if args.json:
             print(json.dumps({"text": completion, "tokens": out, "tokens_per_s": len(out) / max(seconds, 1e-9)}))
-    _finish(info)
+    inference.finish(launch)
     return 0
 
 

@@ -277,11 +277,12 @@ def import_official(path: str | Path, out: str | Path, tp: int = 1, config: list
 
 def main(argv: list[str] | None = None) -> int:
     """CLI of tools/import_official.py."""
-    import argparse
     import shutil
     import sys
 
-    parser = argparse.ArgumentParser(description="Convert an official TokenFormer (GPT-NeoX) checkpoint into "
+    from tokenformer_dist.cli import ArgumentParser
+
+    parser = ArgumentParser(description="Convert an official TokenFormer (GPT-NeoX) checkpoint into "
                                                  "this project's weights dir.")
     parser.add_argument("--ckpt", required=True, help="pytorch_model.bin (or its folder), or a GPT-NeoX "
                                                       "DeepSpeed checkpoint dir (with `latest` or global_stepN/)")

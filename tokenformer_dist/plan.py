@@ -37,7 +37,7 @@ import itertools
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NoReturn
 
 from tokenformer_dist.config import Config, ModelConfig
@@ -66,15 +66,33 @@ class Hardware:
     dtype_bytes: int  # model dtype the trainer uses there: bf16 on GPU ("auto"), fp32 on CPU
     fused_adam: bool  # the trainer uses torch's fused AdamW on GPU (no temporaries)
     usable_fraction: float = 0.92  # the rest is left to the caching allocator's fragmentation
+    # host seconds per operation the step launches (eager: an aten op dispatched; compiled: a kernel or extern
+    # call): CALIBRATED on the one GPU measurement, see HOST_LAUNCH_S. 0: the host is the device (CPU)
+    launch_s: float = 0.0
 
+
+# Host time per launched operation, calibrated on the one GPU measurement (docs/performance.md §7): owt_124m,
+# bf16, eager, TP 1, ZeRO 1, micro-batch 8 on one H200 ran 78,027 tokens/s = 0.105 s per step, with
+# DeepSpeed's synchronizing throughput timer on (host and device in series). The device part the planner
+# predicts for that step is ~0.022 s (matmuls 0.010, elementwise passes 0.012), which leaves ~0.083 s of host
+# time for the 12,146 aten ops the eager census (census.eager_census) counts per forward + backward: 6.8 µs
+# per op, rounded to 7 µs (DeepSpeed's own per-step Python is folded into it). The same cost is charged per
+# compiled kernel launch (Inductor's wrapper launches kernels without the dispatcher, so this errs high).
+HOST_LAUNCH_S = 7e-6
+# Each call of a compiled region (a block's forward or backward, the head, the embedding) also runs guards
+# and AOTAutograd's runtime wrappers on the host: ASSUMED, not measured (the next GPU run can, with --profile)
+HOST_GRAPH_CALL_S = 50e-6
 
 # Vendor data sheets for memory, peak and link rates; the achievable fractions are typical measured values
 # (cuBLAS bf16 GEMMs ~70% of peak on H100/H200, ~75% on A100; NCCL bus bandwidth ~80% of link rate;
 # streaming kernels ~85% of HBM). CPU is a nominal 2-socket host, only for planning CPU test runs.
 HARDWARE: dict[str, Hardware] = {
-    "h100": Hardware("h100", 80 * 2**30, 989e12, 0.70, 3.35e12, 0.85, 360e9, 40e9, 15e-6, 2.5 * GB, 2, True),
-    "h200": Hardware("h200", 141e9, 989e12, 0.70, 4.8e12, 0.85, 360e9, 40e9, 15e-6, 2.5 * GB, 2, True),
-    "a100": Hardware("a100", 80 * 2**30, 312e12, 0.75, 2.04e12, 0.85, 230e9, 20e9, 15e-6, 2.5 * GB, 2, True),
+    "h100": Hardware("h100", 80 * 2**30, 989e12, 0.70, 3.35e12, 0.85, 360e9, 40e9, 15e-6, 2.5 * GB, 2, True,
+                     launch_s=HOST_LAUNCH_S),
+    "h200": Hardware("h200", 141e9, 989e12, 0.70, 4.8e12, 0.85, 360e9, 40e9, 15e-6, 2.5 * GB, 2, True,
+                     launch_s=HOST_LAUNCH_S),
+    "a100": Hardware("a100", 80 * 2**30, 312e12, 0.75, 2.04e12, 0.85, 230e9, 20e9, 15e-6, 2.5 * GB, 2, True,
+                     launch_s=HOST_LAUNCH_S),
     "cpu": Hardware("cpu", 64 * 2**30, 1e12, 0.50, 100e9, 0.50, 20e9, 10e9, 50e-6, 0.0, 4, False, 0.9),
 }
 
@@ -92,24 +110,65 @@ D_PASSES_PER_LAYER = 40
 CE_PASSES = 8
 
 
+# The compiled path (train.compile; model/compile.py, Inductor) in the same units, from the kernels of one
+# compiled owt_124m block: per Pattention, forward: one kernel reads A for Σ A², scales, applies GeLU and writes
+# Θ (A read twice, Θ written: 3 passes); backward: Θ recomputed for dV (A read, Θ written: 2), then dA with its
+# row sum (dΘ and A read twice, dA written: 5) -> 3 / 7. With ~20 passes over [tokens, d] per layer left
+# (LayerNorms, residuals and rotary fused into their neighbours) this gives 122 KB per token per layer at
+# owt_124m; Inductor's own byte count of the generated kernels (bench/bench_step_kernels.py: 403 MB forward +
+# 579 MB backward per block at 8192 tokens) is 120 KB.
+COMPILED_PASSES_FWD = 3
+COMPILED_PASSES_BWD = 7
+COMPILED_D_PASSES_PER_LAYER = 20
+# the compiled loss head in fp32 [tokens, V] passes: Inductor counts 850 MB forward + 1,712 MB backward at 8192
+# tokens × 50,304 (bench/bench_step_kernels.py): 1.6 passes, against the eager head's 8
+COMPILED_CE_PASSES = 1.6
+# Launches of one compiled forward + backward at TP 1 (bench/bench_step_kernels.py, owt_124m, bf16,
+# micro-batch 8 on the CPU: 735 = 12 × 60 per block — a forward graph of 21 kernels, a backward graph of 29,
+# 10 detaches outside them — + 15 outside the blocks; independent of the token count)
+COMPILED_LAUNCHES_PER_LAYER = 60
+COMPILED_LAUNCHES_OUTSIDE = 15
+COMPILED_GRAPH_CALLS_PER_LAYER = 2  # a block's forward graph and its backward graph
+COMPILED_GRAPH_CALLS_OUTSIDE = 2  # the loss head's
+
+
 @dataclass(frozen=True)
 class ZeroSettings:
-    """DeepSpeed settings that change memory and overlap (from the config's parallel section when present)."""
+    """What DeepSpeed does with the gradients at one layout (`zero_settings` reads it off the config the trainer
+    gives DeepSpeed). The defaults are DeepSpeed's own for a model whose gradients are in its dtype."""
 
     reduce_bucket: int = DEFAULT_REDUCE_BUCKET  # elements
     overlap_comm: bool = False  # DeepSpeed's default for ZeRO 1/2
-    fp32_grads: bool = False  # bf16 runs that reduce and accumulate gradients in fp32
+    grad_bytes: int | None = None  # gradient (accumulation) dtype; None: the model dtype
+    reduce_bytes: int | None = None  # dtype of the DP gradient reduction; None: the gradient dtype
+    # ZeRO 1 accumulating in fp32 selects DeepSpeed's BF16_Optimizer: no gradient hooks, so no reduce bucket and
+    # one all-reduce (not a reduce-scatter) of all fp32 gradients after the whole backward, never overlapped
+    bf16_optimizer: bool = False
 
 
-def zero_settings(cfg: Config, hw: Hardware) -> ZeroSettings:
-    """What tokenformer_dist.ds_config gives DeepSpeed for this config on this hardware: overlap_comm only on
-    a GPU (DeepSpeed's CPU accelerator has no side stream); fp32 gradient reduction/accumulation only for
-    bf16 (GPU) runs."""
-    p = cfg.parallel
-    gpu = hw.name != "cpu"
-    return ZeroSettings(int(getattr(p, "reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-                        bool(getattr(p, "overlap_comm", False)) and gpu,
-                        gpu and getattr(p, "grad_reduce_dtype", None) == "fp32")
+def zero_settings(cfg: Config, hw: Hardware, lay: Layout | None = None) -> ZeroSettings:
+    """The DeepSpeed optimizer path of `cfg` (at layout `lay` when given) on `hw`, from the very dict
+    ds_config.deepspeed_config builds for the trainer, read with DeepSpeed 0.19.8's rules (engine.py
+    `_do_optimizer_sanity_check`, zero/stage_1_and_2.py, zero/stage3.py): `grad_accum_dtype` fp32 is honoured
+    at ZeRO 1 (BF16_Optimizer) and 3, ignored at ZeRO 2 (the partition stays in the parameter dtype);
+    `communication_data_type` is the reduction dtype at every stage; overlap_comm only on a GPU."""
+    from dataclasses import replace
+
+    from tokenformer_dist.ds_config import deepspeed_config
+
+    if lay is not None:
+        cfg = replace(cfg, parallel=replace(cfg.parallel, tp=lay.tp, zero_stage=lay.zero_stage),
+                      train=replace(cfg.train, micro_batch_size=lay.micro_batch, grad_accum_steps=lay.grad_accum))
+    dp = lay.dp if lay is not None else 1
+    w = hw.dtype_bytes
+    ds = deepspeed_config(cfg, dp, bf16=w == 2, universal=False, on_gpu=hw.name != "cpu")
+    zero, stage = ds["zero_optimization"], ds["zero_optimization"]["stage"]
+    accum = ds.get("data_types", {}).get("grad_accum_dtype")
+    grad_bytes = 4 if accum == "fp32" and stage in (1, 3) else w
+    comm = ds.get("communication_data_type")
+    reduce_bytes = {"fp32": 4, "bf16": 2}.get(comm, grad_bytes)
+    return ZeroSettings(int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)), bool(zero.get("overlap_comm")),
+                        grad_bytes, reduce_bytes, stage == 1 and grad_bytes != w)
 
 
 @dataclass(frozen=True)
@@ -120,6 +179,7 @@ class Layout:
     micro_batch: int
     grad_accum: int
     activation_checkpointing: bool
+    compile: bool = False  # train.compile: the compiled step (fused kernels, fewer launches)
 
 
 @dataclass
@@ -143,12 +203,13 @@ class Estimate:
     reason: str = ""  # why it does not fit / is not valid
     matmul_s: float = float("nan")  # the two parts of compute_s
     elementwise_s: float = float("nan")
+    host_s: float = float("nan")  # host time of the step's launches (overlaps the device's work, see estimate)
 
     def summary(self) -> dict[str, object]:
         lay = self.layout
         return {"tp": lay.tp, "dp": lay.dp, "zero_stage": lay.zero_stage, "micro_batch": lay.micro_batch,
                 "grad_accum": lay.grad_accum, "activation_checkpointing": lay.activation_checkpointing,
-                "mem_gb_per_gpu": round(self.peak / GB, 2), "step_s": round(self.step_s, 4),
+                "compile": lay.compile, "mem_gb_per_gpu": round(self.peak / GB, 2), "step_s": round(self.step_s, 4),
                 "tokens_per_s": round(self.tokens_per_s, 1), "mfu": round(self.mfu, 4)}
 
 
@@ -239,12 +300,16 @@ def tp_comm_seconds(m: ModelConfig, tp: int, tokens: int, hw: Hardware, checkpoi
 
 def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro_s: float,
                     zs: ZeroSettings = ZeroSettings()) -> float:
-    """Exposed data-parallel time per optimizer step. Gradients and weights travel in the model dtype; a ring
-    over dp ranks sends (dp−1)/dp of the buffer per GPU, over InfiniBand when the DP group spans nodes.
+    """Exposed data-parallel time per optimizer step. Weights travel in the model dtype, gradients in the
+    reduction dtype (zs.reduce_bytes); a ring over dp ranks sends (dp−1)/dp of the buffer per GPU, over
+    InfiniBand when the DP group spans nodes.
 
     ZeRO 0: all-reduce of the gradients after the last backward (DeepSpeed's engine: not overlapped).
-    ZeRO 1: reduce-scatter at the last micro-batch's backward + all-gather of the updated weights after the
-      step; both exposed unless overlap_comm, which hides the reduce-scatter behind that backward.
+    ZeRO 1, BF16_Optimizer (fp32 accumulation): all-reduce of the fp32 gradients after the last backward, not
+      overlapped (it has no gradient hooks), + all-gather of the updated weights after the step.
+    ZeRO 1, ZeRO optimizer: reduce-scatter at the last micro-batch's backward + all-gather of the updated
+      weights after the step; both exposed unless overlap_comm, which hides the reduce-scatter behind that
+      backward (the bucketed gradient hooks fire as the backward proceeds).
     ZeRO 2: as ZeRO 1, but gradients are reduced at EVERY micro-batch (partitioned gradients).
     ZeRO 3: gradients reduce-scattered at every micro-batch, weights all-gathered in every forward and every
       backward, module by module (each fetch pays a collective latency and ZERO3_FETCH_S of DeepSpeed's
@@ -259,10 +324,13 @@ def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro
     bw = hw.ib_bandwidth if nodes > 1 else hw.nvlink_bandwidth
     lat = math.log2(lay.dp) * hw.latency
     ring = (lay.dp - 1) / lay.dp * p_rank * hw.dtype_bytes / bw + lat  # weights (model dtype)
-    g_ring = ring if not zs.fp32_grads else (lay.dp - 1) / lay.dp * p_rank * 4 / bw + lat  # gradients
+    reduce_bytes = zs.reduce_bytes or zs.grad_bytes or hw.dtype_bytes
+    g_ring = (lay.dp - 1) / lay.dp * p_rank * reduce_bytes / bw + lat  # gradients
     fwd_s, bwd_s = micro_s / 3, micro_s * 2 / 3
     if lay.zero_stage == 0:
         return 2 * g_ring
+    if lay.zero_stage == 1 and zs.bf16_optimizer:
+        return 2 * g_ring + ring
     if lay.zero_stage in (1, 2):
         reduces = 1 if lay.zero_stage == 1 else lay.grad_accum
         rs = g_ring * reduces
@@ -278,36 +346,77 @@ def dp_comm_seconds(m: ModelConfig, lay: Layout, hw: Hardware, nodes: int, micro
 # ---- compute ---------------------------------------------------------------------------------------------
 def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware,
                     lean_passes: tuple[int, int] | None = None) -> tuple[float, float]:
-    """Compute time of one micro-batch: matmul FLOPs at hw.matmul_efficiency plus elementwise bytes at
+    """Device compute time of one micro-batch: matmul FLOPs at hw.matmul_efficiency plus elementwise bytes at
     hw.hbm_efficiency; each rank does 1/tp of the matmuls and of the [T, n] elementwise work (the [T, d] work
-    is replicated over TP). `lean_passes` (forward, backward) replaces the lean Pattention's pass counts, to
-    ask what a fused Θ kernel would give. Returns (matmul seconds, elementwise seconds)."""
+    is replicated over TP). The elementwise passes are the eager lean Pattention's or, with `lay.compile`, the
+    compiled step's (COMPILED_*); `lean_passes` (forward, backward) replaces the Pattention's pass counts.
+    Returns (matmul seconds, elementwise seconds)."""
     tokens = lay.micro_batch * m.seq_len
     b = hw.dtype_bytes
     fwd_flops = forward_flops_per_token(m) * tokens / lay.tp
     flops = flops_per_token(m) * tokens / lay.tp + (fwd_flops if lay.activation_checkpointing else 0.0)
     n_sum = (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens) / lay.tp
-    fwd_passes, bwd_passes = lean_passes or (LEAN_PASSES_FWD[b], LEAN_PASSES_BWD)
+    if lay.compile:
+        fwd_passes, bwd_passes = lean_passes or (COMPILED_PASSES_FWD, COMPILED_PASSES_BWD)
+        d_passes, ce_passes = COMPILED_D_PASSES_PER_LAYER, COMPILED_CE_PASSES
+    else:
+        fwd_passes, bwd_passes = lean_passes or (LEAN_PASSES_FWD[b], LEAN_PASSES_BWD)
+        d_passes, ce_passes = D_PASSES_PER_LAYER, CE_PASSES
     passes = fwd_passes * (2 if lay.activation_checkpointing else 1) + bwd_passes
-    elem = tokens * m.n_layers * (passes * n_sum * b + D_PASSES_PER_LAYER * m.d_model * b)
-    elem += tokens * CE_PASSES * m.vocab_size / lay.tp * 4
+    elem = tokens * m.n_layers * (passes * n_sum * b + d_passes * m.d_model * b)
+    elem += tokens * ce_passes * m.vocab_size / lay.tp * 4
     t_mm = flops / (hw.peak_flops * hw.matmul_efficiency)
     t_elem = elem / (hw.hbm_bandwidth * hw.hbm_efficiency)
     return t_mm, t_elem
+
+
+def launches_per_micro_batch(m: ModelConfig, lay: Layout) -> tuple[float, int]:
+    """(operations the host launches for one micro-batch's forward + backward, compiled-graph calls among
+    them). Eager: the aten ops census.eager_census counts for this model at this micro-batch (TP 1; at TP > 1
+    plus the collectives); compiled: COMPILED_LAUNCHES_* (at TP > 1 every TP collective is a graph break: one
+    more launch and one more graph call each). Activation checkpointing runs the blocks' forward twice, about
+    a third of a block's launches."""
+    recompute = 4 / 3 if lay.activation_checkpointing else 1.0
+    collectives = TP_COLLECTIVES_PER_LAYER * m.n_layers if lay.tp > 1 else 0
+    if lay.compile:
+        launches = COMPILED_LAUNCHES_OUTSIDE + m.n_layers * COMPILED_LAUNCHES_PER_LAYER * recompute + collectives
+        calls = COMPILED_GRAPH_CALLS_OUTSIDE + m.n_layers * COMPILED_GRAPH_CALLS_PER_LAYER + collectives
+        return launches, calls
+    per_layer, outside = _eager_ops(m, lay.micro_batch)
+    return outside + m.n_layers * per_layer * recompute + collectives, 0
+
+
+_EAGER_OPS: dict[tuple, tuple[int, int]] = {}
+
+
+def _eager_ops(m: ModelConfig, micro_batch: int) -> tuple[int, int]:
+    """census.eager_ops_per_layer, memoized (a meta-device census costs about a second)."""
+    from dataclasses import astuple
+
+    from tokenformer_dist.census import eager_ops_per_layer
+
+    key = (astuple(m), micro_batch)
+    if key not in _EAGER_OPS:
+        _EAGER_OPS[key] = eager_ops_per_layer(m, micro_batch)
+    return _EAGER_OPS[key]
 
 
 # ---- memory ----------------------------------------------------------------------------------------------
 def memory(m: ModelConfig, lay: Layout, hw: Hardware, zs: ZeroSettings = ZeroSettings()) -> dict[str, float]:
     """Per-GPU memory terms and phase peaks in bytes (see the module docstring)."""
     w, dp, z, tp = hw.dtype_bytes, lay.dp, lay.zero_stage, lay.tp
-    g = 4 if zs.fp32_grads else w  # gradient (accumulation and reduction) dtype
+    g = zs.grad_bytes or w  # gradient (accumulation) dtype
     p = params_per_rank(m, tp)
     tokens = lay.micro_batch * m.seq_len
     weights = p * w if z < 3 else p * w / dp + 2 * largest_layer_params(m, tp) * w
     grads = p * g if z < 2 else p * g / dp
     master = 0.0 if (z == 0 and w == 4) else p * 4
     optimizer = (master + 8 * p) / (dp if z >= 1 else 1)
-    bucket = 0.0 if z == 0 else zs.reduce_bucket * g * (2 if zs.overlap_comm else 1)
+    # ZeRO 1-3's gradient buckets in the gradient dtype (two with overlap_comm), plus the copy a reduction in
+    # another dtype casts each bucket to; BF16_Optimizer (no hooks) and ZeRO 0 have none
+    reduce_bytes = zs.reduce_bytes or g
+    bucket = 0.0 if z == 0 or zs.bf16_optimizer else zs.reduce_bucket * (
+        g * (2 if zs.overlap_comm else 1) + (reduce_bytes if reduce_bytes != g else 0))
     static = weights + optimizer
 
     cdt, f32 = activation_elements_per_token(m, tp)
@@ -358,10 +467,8 @@ def global_batch(cfg: Config, world: int) -> int:
     return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * max(1, world // cfg.parallel.tp)
 
 
-def layout_problem(m: ModelConfig, tp: int, micro_batch: int, gpus_per_node: int) -> str:
-    """Why (tp, micro_batch) cannot run this model, or ''."""
-    if tp > gpus_per_node:
-        return f"tp {tp} > {gpus_per_node} GPUs per node: TP must stay inside a node (NVLink)"
+def layout_problem(m: ModelConfig, tp: int, micro_batch: int) -> str:
+    """Why (tp, micro_batch) cannot run this model, or '' (plan() has already kept tp inside a node)."""
     for key in ("qkv_tokens", "proj_tokens", "ffn_tokens", "vocab_size"):
         if getattr(m, key) % tp:
             return f"model.{key}={getattr(m, key)} is not divisible by tp {tp}"
@@ -371,16 +478,24 @@ def layout_problem(m: ModelConfig, tp: int, micro_batch: int, gpus_per_node: int
 
 
 def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, zs: ZeroSettings | None = None,
-             lean_passes: tuple[int, int] | None = None) -> Estimate:
+             lean_passes: tuple[int, int] | None = None, host_serial: bool = False) -> Estimate:
+    """One layout. Per micro-batch the device computes (matmuls, elementwise passes, TP collectives in the
+    compute stream) while the host launches the next operations; the slower of the two sets the pace. With
+    `host_serial` a synchronization every step keeps them from overlapping (host + device): what the GPU
+    measurement calibrating HOST_LAUNCH_S ran, with DeepSpeed's synchronizing throughput timer on."""
     m = cfg.model
-    zs = zs or zero_settings(cfg, hw)
+    zs = zs or zero_settings(cfg, hw, lay)
     mem = memory(m, lay, hw, zs)
     mm_s, elem_s = compute_seconds(m, lay, hw, lean_passes)
-    micro_s = mm_s + elem_s
+    compute_s = mm_s + elem_s
     tokens = lay.micro_batch * m.seq_len
-    tp_s = tp_comm_seconds(m, lay.tp, tokens, hw, lay.activation_checkpointing) * lay.grad_accum
-    dp_s = dp_comm_seconds(m, lay, hw, nodes, micro_s, zs)
-    step = micro_s * lay.grad_accum + tp_s + dp_s
+    tp_micro = tp_comm_seconds(m, lay.tp, tokens, hw, lay.activation_checkpointing)
+    launches, graph_calls = launches_per_micro_batch(m, lay) if hw.launch_s else (0, 0)
+    host = launches * hw.launch_s + graph_calls * HOST_GRAPH_CALL_S
+    device = compute_s + tp_micro
+    micro = host + device if host_serial else max(host, device)
+    dp_s = dp_comm_seconds(m, lay, hw, nodes, compute_s, zs)
+    step = micro * lay.grad_accum + dp_s
     world = lay.tp * lay.dp
     tok_s = tokens * lay.grad_accum * lay.dp / step
     mfu = tok_s * flops_per_token(m) / (hw.peak_flops * world)
@@ -388,9 +503,10 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, nodes: int, zs: ZeroSetting
     fits = mem["peak"] <= limit
     reason = "" if fits else (f"needs {mem['peak'] / GB:.1f} GB > {limit / GB:.1f} GB usable of "
                               f"{hw.memory / GB:.1f} GB ({_largest_term(mem)})")
+    ga = lay.grad_accum
     return Estimate(lay, mem["weights"], mem["grads"], mem["optimizer"], mem["bucket"], mem["activations"],
-                    mem["workspace"], mem["peak"], mem["phase_peaks"], micro_s * lay.grad_accum, tp_s, dp_s, step,
-                    tok_s, mfu, fits, reason, mm_s * lay.grad_accum, elem_s * lay.grad_accum)
+                    mem["workspace"], mem["peak"], mem["phase_peaks"], compute_s * ga, tp_micro * ga, dp_s, step,
+                    tok_s, mfu, fits, reason, mm_s * ga, elem_s * ga, host * ga)
 
 
 def _largest_term(mem: dict[str, float]) -> str:
@@ -401,9 +517,14 @@ def _largest_term(mem: dict[str, float]) -> str:
 
 def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None = None,
          micro_batch: int | None = None, zero_stage: int | None = None, checkpointing: bool | None = None,
-         zs: ZeroSettings | None = None, lean_passes: tuple[int, int] | None = None) -> list[Estimate]:
+         zs: ZeroSettings | None = None, lean_passes: tuple[int, int] | None = None, compile: bool | None = None,
+         host_serial: bool = False) -> list[Estimate]:
     """Every layout (fixed arguments respected) with its estimate, fastest first; layouts that cannot run or
-    fit carry a one-line `reason` and `fits=False`. `zs`: DeepSpeed settings (default: the config's)."""
+    fit carry a one-line `reason` and `fits=False`. `zs`: DeepSpeed settings (default: what the trainer gives
+    DeepSpeed at each layout). `compile`: the compiled step or the eager one (default: what `train.compile`
+    does on this kind of device)."""
+    from tokenformer_dist.config import compile_on
+
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"--nodes {nodes} / --gpus-per-node {gpus_per_node}: both must be >= 1")
     if gpu not in HARDWARE:
@@ -417,6 +538,8 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None =
     if micro_batch is not None and micro_batch < 1:
         raise PlanError(f"--micro-batch {micro_batch}: must be >= 1")
     hw = HARDWARE[gpu]
+    if compile is None:
+        compile = compile_on(cfg, "cpu" if hw.name == "cpu" else "cuda")
     world = nodes * gpus_per_node
     seqs = global_batch(cfg, world)
     tps = [tp] if tp is not None else [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0]
@@ -427,17 +550,16 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, tp: int | None =
     for t, b, z, ck in itertools.product(tps, mbs, stages, cks):
         dp = world // t
         ga, rem = divmod(seqs, b * dp)
-        lay = Layout(t, dp, z, b, max(ga, 1), ck)
-        problem = layout_problem(cfg.model, t, b, gpus_per_node)
+        lay = Layout(t, dp, z, b, max(ga, 1), ck, compile)
+        problem = layout_problem(cfg.model, t, b)
         if not problem and (rem or ga < 1):
             problem = f"global batch {seqs} sequences is not a multiple of micro-batch {b} x dp {dp}"
         if problem:
             if tp is not None or micro_batch is not None or not problem.startswith("global batch"):
                 out.append(_invalid(lay, problem))
             continue
-        out.append(estimate(cfg, lay, hw, nodes, zs, lean_passes))
-    # fastest first; ties (equal time: compute is linear in tokens in this model) go to the larger micro-batch
-    # (fewer, larger kernels than the model counts), then to the smaller memory
+        out.append(estimate(cfg, lay, hw, nodes, zs, lean_passes, host_serial))
+    # fastest first; ties go to the larger micro-batch (fewer, larger kernels), then to the smaller memory
     out.sort(key=lambda e: (not e.fits, round(e.step_s, 6) if e.fits else e.peak, -e.layout.micro_batch,
                             e.peak if e.fits else 0.0))
     return out
@@ -453,15 +575,9 @@ def best(estimates: list[Estimate]) -> Estimate | None:
     return fitting[0] if fitting else None  # plan() sorts fastest first
 
 
-def as_dict(e: Estimate) -> dict[str, object]:
-    d = asdict(e)
-    d["layout"] = asdict(e.layout)
-    return d
-
-
 # ---- command line (tools/plan.py) ------------------------------------------------------------------------
-JSON_KEYS = ("tp", "dp", "zero_stage", "micro_batch", "grad_accum", "activation_checkpointing", "mem_gb_per_gpu",
-             "step_s", "tokens_per_s", "mfu")
+JSON_KEYS = ("tp", "dp", "zero_stage", "micro_batch", "grad_accum", "activation_checkpointing", "compile",
+             "mem_gb_per_gpu", "step_s", "tokens_per_s", "mfu")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -475,26 +591,20 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from tokenformer_dist.cli import positive_int
+
     p = _Parser(prog="tools/plan.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
-    p.add_argument("--nodes", type=_positive, required=True)
-    p.add_argument("--gpus-per-node", type=_positive, required=True)
+    p.add_argument("--nodes", type=positive_int, required=True)
+    p.add_argument("--gpus-per-node", type=positive_int, required=True)
     p.add_argument("--gpu", required=True, choices=tuple(HARDWARE))
-    p.add_argument("--tp", type=_positive, default=None, help="fix the tensor-parallel degree")
-    p.add_argument("--micro-batch", type=_positive, default=None, help="fix the micro-batch size")
+    p.add_argument("--tp", type=positive_int, default=None, help="fix the tensor-parallel degree")
+    p.add_argument("--micro-batch", type=positive_int, default=None, help="fix the micro-batch size")
     p.add_argument("--zero-stage", type=int, default=None, choices=ZERO_STAGES, help="fix the ZeRO stage")
     p.add_argument("--activation-checkpointing", type=_on_off, default=None, metavar="on|off")
+    p.add_argument("--compile", type=_on_off, default=None, metavar="on|off",
+                   help="predict the compiled or the eager step (default: what train.compile does on this device)")
     return p.parse_args(argv)
 
 
@@ -508,12 +618,13 @@ def format_row(e: Estimate) -> str:
     return (f"{head} {e.weights / GB:>7.2f} {e.grads / GB:>6.2f} {e.optimizer / GB:>6.2f} {e.bucket / GB:>6.2f} "
             f"{e.activations / GB:>7.2f} {e.workspace / GB:>5.2f} "
             f"{max(ph.values()) / GB:>6.2f}/{'fbo'[list(ph).index(max(ph, key=ph.__getitem__))]} "
-            f"{e.peak / GB:>7.2f} {e.compute_s:>8.4f} {e.tp_comm_s:>7.4f} {e.dp_comm_s:>7.4f} {e.step_s:>8.4f} "
+            f"{e.peak / GB:>7.2f} {e.compute_s:>8.4f} {e.host_s:>7.4f} {e.tp_comm_s:>7.4f} {e.dp_comm_s:>7.4f} "
+            f"{e.step_s:>8.4f} "
             f"{e.tokens_per_s:>11,.0f} {e.mfu:>6.1%}" + ("" if e.fits else f"  does not fit: {e.reason}"))
 
 
 HEADER = (" tp   dp zero micro   ga ckpt weights  grads  optim bucket   activ  work phase/at    peak "
-          "compute_s  tp_s    dp_s    step_s    tokens/s    mfu")
+          "compute_s  host_s  tp_s    dp_s    step_s    tokens/s    mfu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -523,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         cfg = load_config(args.config)
         estimates = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.tp, args.micro_batch,
-                         args.zero_stage, args.activation_checkpointing)
+                         args.zero_stage, args.activation_checkpointing, compile=args.compile)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -537,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{hw.hbm_efficiency:.0%} of {hw.hbm_bandwidth / 1e12:.2f} TB/s for elementwise passes; NVLink "
           f"{hw.nvlink_bandwidth / 1e9:.0f} GB/s, IB {hw.ib_bandwidth / 1e9:.0f} GB/s per GPU; memory in GB (1e9), "
           f"usable {hw.usable_fraction:.0%} of {hw.memory / GB:.1f}; phase at peak: f(orward)/b(ackward)/o(ptimizer)")
+    step = "compiled" if estimates and estimates[0].layout.compile else "eager"
+    print(f"the {step} step (--compile {'on' if step == 'compiled' else 'off'}); host launches at "
+          f"{hw.launch_s * 1e6:.0f} µs each, overlapping the device's work (host_s: per step)")
     print(HEADER)
     pick = best(estimates)
     for e in estimates:

@@ -25,7 +25,7 @@ from tokenformer_dist import checkpoint as ckpt_lib
 from tokenformer_dist import comm
 from tokenformer_dist.allocator import tune_cpu_allocator
 from tokenformer_dist.cadence import startup_line
-from tokenformer_dist.config import Config, ConfigError
+from tokenformer_dist.config import Config, ConfigError, compile_on
 from tokenformer_dist.ds_config import deepspeed_config
 from tokenformer_dist.metrics import MetricsWriter, flops_per_token, peak_flops
 from tokenformer_dist.optim import build_optimizer
@@ -79,7 +79,6 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
 
     from tokenformer_dist.model.tensor_parallel import build_parallel_model
     from tokenformer_dist.parallel import DeepSpeedMPU
-    from tokenformer_dist.weights import load_weights
 
     on_gpu = info.device.type == "cuda"
     fresh = resume.meta is None and not init_from
@@ -88,12 +87,20 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
                                  activation_checkpointing=cfg.parallel.activation_checkpointing, init_weights=fresh,
                                  device=info.device)
     if init_from and not resume.meta:
-        load_weights(model, ckpt_lib.resolve_checkpoint(init_from))
+        ckpt_lib.load_weights_resharded(model, init_from)  # written at any TP degree: resharded as it loads
     if resume.universal:
         ckpt_lib.mark_universal_restore(model, parallel_state.get_tensor_model_parallel_group(), info.tp_size)
+    if compile_on(cfg, info.device.type):
+        from tokenformer_dist.model.compile import compile_model
+
+        compile_model(model, cfg.train.compile_mode)  # lazily: the first step compiles
     optimizer = build_optimizer(model, cfg, fused=on_gpu)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
                                       config=deepspeed_config(cfg, info.dp_size, bf16, resume.universal, on_gpu))
+    if compile_on(cfg, info.device.type):
+        from tokenformer_dist.model.compile import keep_hooks_eager
+
+        keep_hooks_eager(engine.module)  # ZeRO 3's per-module hooks
     return engine
 
 
@@ -169,6 +176,15 @@ class Reporter:
             self.say(f"step {step:>7d}  loss {loss:.4f}  lr {lr:.3e}  gnorm {record['grad_norm'] or 0:.3f}  "
                      f"{tok_s:,.0f} tok/s  {perf}  mem {record['mem_gb']:.2f} GB  eta {fmt_eta(eta)}")
 
+    def first_step(self, step: int, t_start: float, compiled: bool) -> None:
+        """How long this invocation's first step took, compilation included (one device sync, once)."""
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        seconds = time.perf_counter() - t_start
+        if self.writer:
+            self.writer.log({"step": step, "first_step_s": seconds})
+            self.say(f"first step: {seconds:.1f} s{' (includes torch.compile)' if compiled else ''}")
+
     def val_record(self, step: int, val: dict[str, float], dtype: str) -> None:
         """`dtype`: of the weights validated (the training module's; the evaluate CLI runs the fp32 masters, so
         its loss differs from a bf16 run's in the low digits)."""
@@ -207,6 +223,7 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     from tokenformer_dist.data import Prefetcher, TokenShards, WindowLoader, check_vocab
     from tokenformer_dist.evaluate import evaluate
     from tokenformer_dist.parallel import destroy_distributed, init_distributed
+    from tokenformer_dist.profiling import StepProfiler
 
     t, m = cfg.train, cfg.model
     check_vocab(TokenShards(cfg.data.path, "train").vocab_size, m.vocab_size, cfg.data.path)
@@ -230,6 +247,8 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     if info.is_main:
         report.say(startup_line(cfg, info.world_size, ranks_per_node(), info.device))
     preempt = Preemption(t.preempt_check_every)
+    profiler = (StepProfiler(args.profile, run_dir, info.rank, info.device.type == "cuda", report.say)
+                if getattr(args, "profile", None) else None)
 
     def save() -> None:
         ckpt_lib.save_checkpoint(engine, run_dir, step, cfg, info,
@@ -240,12 +259,17 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     try:
         while step < t.steps:
             lr = lr_at(step, t.steps, t.lr, t.min_lr, t.warmup_frac)
+            t_first = time.perf_counter() if step == report.start_step else None
             loss_sum = train_step(engine, batches, lr, t.grad_accum_steps)
             step += 1
             tokens_seen += tokens_per_step
             report.bar.update(1)
+            if profiler:
+                profiler.step()
             if step % t.log_every == 0 or step == t.steps:
                 report.train_record(step, tokens_seen, loss_sum, lr, engine)
+            if t_first is not None:  # after the step's own record, which stays the first of the run
+                report.first_step(step, t_first, compiled=compile_on(cfg, info.device.type))
             if has_val and (step % t.eval_every == 0 or step == t.steps):
                 report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
                                                  t.eval_batches), "bf16" if bf16 else "fp32")
@@ -260,6 +284,8 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
         if exit_code == 0:
             save()
     finally:
+        if profiler:
+            profiler.close()
         batches.close()
         report.close()
     if destroy:

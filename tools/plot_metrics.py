@@ -9,12 +9,12 @@ to a temp name and renamed. Default output: RUN/loss.png for one run, ./loss.png
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from tokenformer_dist.atomic import atomic_path
+from tokenformer_dist.cli import ArgumentParser
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -64,7 +64,7 @@ def plot(runs: list[Path], out: Path, x: str = "step") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (or metrics.jsonl files)")
     parser.add_argument("--out", type=Path, default=None, help="PNG path")
     parser.add_argument("--x", choices=("step", "tokens"), default="step")

@@ -131,13 +131,12 @@ def write_full_weights(ckpt: Path, out_file: Path) -> int:
     """model.safetensors with full, unsharded fp32 tensors; returns the parameter count (tau excluded).
     Reads one tensor at a time from the per-TP-rank weight files (any TP degree, any ZeRO stage); parts split
     along dim 0 (the sharding table's dim for every sharded tensor today) are streamed without joining."""
-    from tokenformer_dist.checkpoint import iter_weight_blocks
+    from tokenformer_dist.checkpoint import iter_weight_blocks, weight_specs
     from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
-    from tokenformer_dist.sharding import full_shape, join_parts, rule_for
+    from tokenformer_dist.sharding import join_parts, rule_for
 
     specs, params = [], 0
-    for name, parts in iter_weight_blocks(ckpt):
-        shape = full_shape(name, tuple(parts[0].shape), len(parts))
+    for name, shape in weight_specs(ckpt):
         specs.append((WEIGHT_PREFIX + name, shape, torch.float32))
         params += 0 if name.endswith(".tau") else math.prod(shape)
     writer = StreamingSafetensorsWriter(out_file, specs, metadata={"format": "pt"})
@@ -156,7 +155,7 @@ def write_full_weights(ckpt: Path, out_file: Path) -> int:
 def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write the Hugging Face folder `out` (must not exist) for a run dir / checkpoint / weights dir."""
     from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
-    from tokenformer_dist.generate import find_tokenizer
+    from tokenformer_dist.generate import find_tokenizer, load_sentencepiece
     from tokenformer_dist.hf.configuration_tokenformer import MODEL_FIELDS, TokenFormerConfig
 
     src = resolve_checkpoint(ckpt)
@@ -165,9 +164,7 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
     if tok_path.suffix != ".model":
         raise ValueError(f"{tok_path}: the export ships sentencepiece tokenizers (.model); "
                          f"pass --tokenizer DATASET/tokenizer.model")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    sp = load_sentencepiece(tok_path)
     if sp.vocab_size() > cfg.model.vocab_size:
         raise ValueError(f"{tok_path}: vocabulary {sp.vocab_size()} > the model's {cfg.model.vocab_size}")
     out = Path(out)
@@ -236,9 +233,9 @@ Padding: right padding only (what lm-eval and single-prompt `generate()` use).
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from tokenformer_dist.cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face folder.")
+    parser = ArgumentParser(description="Export a checkpoint as a Hugging Face folder.")
     parser.add_argument("--ckpt", required=True, help="run dir, trainer checkpoint or weights dir (any TP/ZeRO)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--tokenizer", default=None,

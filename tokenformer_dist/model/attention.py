@@ -20,18 +20,39 @@ from tokenformer_dist.model.pattention import Pattention
 class Rotary(torch.nn.Module):
     """Rotary position embedding on the first `dim` dims of each head (non-interleaved halves), the
     arithmetic of megatron-core's RotaryEmbedding + apply_rotary_pos_emb: inverse frequencies computed in
-    fp32 on the CPU, angles on the input's device, cos/sin cast to the input dtype."""
+    fp32 on the CPU, angles on the input's device, cos/sin cast to the input dtype.
+
+    `inv_freq` is a non-persistent fp32 buffer (not in the state_dict): it follows the model to its device
+    once, instead of a host-to-device copy per call, and stays fp32 when the model is cast to bf16."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, head_dim: int, rotary_pct: float, base: float) -> None:
         super().__init__()
         self.dim = int(head_dim * rotary_pct) if rotary_pct < 1.0 else head_dim
-        self.inv_freq = 1.0 / (int(base) ** (torch.arange(0, self.dim, 2, dtype=torch.float32,
-                                                              device="cpu") / self.dim))  # not a buffer
+        self.base = base
+        # computed on the CPU (megatron's arithmetic), then placed where the module is being built
+        self.register_buffer("inv_freq", self._inverse_frequencies().to(torch.get_default_device()),
+                             persistent=False)
+
+    def _inverse_frequencies(self) -> torch.Tensor:
+        return 1.0 / (int(self.base) ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device="cpu")
+                                         / self.dim))
+
+    @torch.no_grad()
+    def reset_constants(self) -> None:
+        """inv_freq recomputed (after `to_empty`, which leaves buffers uninitialized)."""
+        self.inv_freq.copy_(self._inverse_frequencies())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.inv_freq = self.inv_freq.float()  # a constant of the function, not a weight: never bf16
+        return self
 
     def forward(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """t [..., s, head_dim] -> the same with positions offset..offset+s-1 rotated in."""
         s = t.shape[-2]
-        inv_freq = self.inv_freq.to(t.device)
+        inv_freq = self.inv_freq
         freqs = torch.outer(torch.arange(offset, offset + s, device=t.device, dtype=inv_freq.dtype), inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)  # [s, dim]
         rot, passed = t[..., :self.dim], t[..., self.dim:]

@@ -25,6 +25,7 @@ Every rank must call backward on the same tensors (as in any TP layer): the coll
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -68,6 +69,13 @@ def _gelu_backward_(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward.grad_input(grad, z, approximate="none", grad_input=grad)
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    # the meta device (shape-only censuses, census.py) has no autocast to switch off
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _row_sum(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return t.sum(-1, keepdim=True, dtype=acc)
 
@@ -83,7 +91,7 @@ class _LeanPattention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keys, values, tau, norm, group, compute_dtype, chunk_tokens):
         acc = torch.promote_types(compute_dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit below
+        with _autocast_off(x.device.type):  # dtypes are explicit below
             x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
             scores = x2 @ keys.to(compute_dtype).t()  # A [T, n_local]
             n_rows, n_cols = scores.shape
@@ -127,7 +135,7 @@ class _LeanPattention(torch.autograd.Function):
         need_x, need_k, need_v = ctx.needs_input_grad[:3]
         acc = norm_sum.dtype
         grad_x = grad_k = grad_v = None
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(cdt)  # [T, d_out]
             v = values.to(cdt)
             if norm == "softmax":
@@ -195,10 +203,10 @@ def lean_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     if norm not in NORMALIZATIONS:
         raise ValueError(f"unknown Pattention normalization {norm!r}; valid: {', '.join(NORMALIZATIONS)}")
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
-        compute_dtype = torch.result_type(x, keys)
+        compute_dtype = torch.promote_types(x.dtype, keys.dtype)
     # a Python float τ stays exact (fp64) until it meets the accumulation dtype
     tau_t = (tau.detach() if isinstance(tau, torch.Tensor)
              else torch.tensor(tau, dtype=torch.float64, device=x.device))

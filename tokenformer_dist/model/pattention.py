@@ -6,8 +6,11 @@ keeps only this rank's parameter-token rows; the only extra communication inside
 all-reduce of a [tokens, 1] fp32 tensor: Θ normalizes over all n parameter tokens, not the local n/tp.
 
 Two implementations of the same function (`impl`, from the config field `model.pattention_impl`):
-  "lean"      (default) — `lean.lean_pattention`, a torch.autograd.Function that keeps one [tokens, n]
-              tensor for backward and recomputes the elementwise parts;
+  "lean"      (default) — keeps one [tokens, n] tensor for backward and recomputes the elementwise parts.
+              Eager: `lean.lean_pattention`, a torch.autograd.Function with hand-written, chunked backward.
+              Under torch.compile: `compiled_lean_pattention`, the plain formula inside a selective
+              checkpoint that tells the compiler's partitioner to keep only the matmul outputs and the row
+              sums, so the normalization and its backward become a few fused kernels with the same saved set;
   "reference" — `reference_pattention`, plain autograd through `normalize_scores`: the readable math and
               what the tests compare the lean path against.
 A module takes `impl=` at construction; `set_impl(model, impl)` switches a built model.
@@ -18,10 +21,12 @@ Nothing here imports megatron-core.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from tokenformer_dist.config import PATTENTION_IMPLS
 from tokenformer_dist.model.lean import inverse_norm, lean_pattention
@@ -74,6 +79,30 @@ def reference_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return normalize_scores(x @ keys.t(), tau, norm, group) @ values
 
 
+# What the compiled lean path keeps for backward: matmul outputs (the scores A = X·Kᵀ; the output Θ·V is
+# not needed by backward, so keeping it costs nothing) and the [tokens, 1] row sums. Everything else — the
+# fp32 casts, squares, scale and GeLU — is recomputed inside the backward's fused kernels.
+_KEPT_BY_COMPILED_LEAN = frozenset({torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+                                    torch.ops.aten.sum.dim_IntList})
+
+
+def _keep_matmuls_and_row_sums(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_BY_COMPILED_LEAN else CheckpointPolicy.MUST_RECOMPUTE
+
+
+def compiled_lean_pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             tau: float | torch.Tensor, norm: str = "l2_norm_gelu",
+                             group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The lean path as torch.compile should see it: `reference_pattention` inside a selective checkpoint.
+
+    Traced whole, the lean Function's chunk loops and in-place buffers would only fragment the graph; and
+    the compiler's default partitioner, left alone, keeps Θ(A) as well as A (two [tokens, n] tensors). The
+    checkpoint policy pins the saved set to the lean Function's (A and the row sums) and lets the compiler
+    fuse the normalization and its recomputation in backward. Used only while compiling."""
+    return checkpoint(reference_pattention, x, keys, values, tau, norm, group, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, _keep_matmuls_and_row_sums))
+
+
 def pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float | torch.Tensor,
                norm: str = "l2_norm_gelu", group: dist.ProcessGroup | None = None,
                impl: str = "lean") -> torch.Tensor:
@@ -81,6 +110,8 @@ def pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: f
     (the caller reduces it: all-reduce, or reduce-scatter onto attention partitions).
     `impl`: "lean" or "reference"; both compute the same function."""
     if check_impl(impl) == "lean":
+        if torch.compiler.is_compiling():
+            return compiled_lean_pattention(x, keys, values, tau, norm, group)
         return lean_pattention(x, keys, values, tau, norm, group)
     return reference_pattention(x, keys, values, tau, norm, group)
 
@@ -111,7 +142,7 @@ class Pattention(torch.nn.Module):
         return pattention(x, self.key_tokens, self.value_tokens, self.tau, self.norm, self.tp_group, self.impl)
 
     @torch.no_grad()
-    def reset_tau(self) -> None:
+    def reset_constants(self) -> None:
         """τ back to its value at construction (after `to_empty`; a checkpoint's τ is loaded over it)."""
         self.tau.fill_(self.initial_tau)
 

@@ -162,8 +162,8 @@ def build_parallel_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, *, seed:
     mark_tp_attributes(model)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, Pattention):
-                module.reset_tau()
+            if hasattr(module, "reset_constants"):  # τ and rotary frequencies: buffers to_empty left blank
+                module.reset_constants()
         if init_weights:
             model.init_weights(seed)
         else:

@@ -93,10 +93,20 @@ class TokenFormer(torch.nn.Module):
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
+            elif cache is None:
+                x = block(x)  # no layer index: a compiled block would be specialized (recompiled) per index
             else:
                 x = block(x, cache, i)
+        # the tied weight is read here, not inside head(): ZeRO 3 gathers a parameter used outside its own
+        # module on attribute access, which a compiled head() would not perform
+        return self.head(x, self.embedding.weight, labels)
+
+    def head(self, x: torch.Tensor, output_weight: torch.Tensor,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Final LayerNorm, tied output layer (`output_weight` = the embedding's [V/tp, d]) -> logits
+        [b, s, V/tp]; with labels -> mean token loss. A method of its own so that it compiles as one region."""
         h = self.tp.copy_to(self.final_norm(x))
-        logits = h @ self.embedding.weight.t()  # [b, s, V/tp]: tied output layer
+        logits = h @ output_weight.t()  # [b, s, V/tp]: tied output layer
         if labels is None:
             return logits
         return self.token_losses(logits, labels).mean()

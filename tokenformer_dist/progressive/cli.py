@@ -5,7 +5,6 @@ Exit 2: bad ladder config or arguments (one line, nothing launched); 1: a run fa
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenformer_dist.atomic import atomic_write_text
+from tokenformer_dist.cli import ArgumentParser
 from tokenformer_dist.config import ConfigError
 from tokenformer_dist.progressive import accounting as acc
 from tokenformer_dist.progressive.experiment import collect, execute, mark_reused, plan, run_record
@@ -33,7 +33,7 @@ def _manifest(data: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The progressive-scaling experiment in miniature: scratch, "
+    parser = ArgumentParser(description="The progressive-scaling experiment in miniature: scratch, "
                                      "no_growth, grow_exact and grow_official at matched compute, over seeds.")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="ladder config (configs/progressive_mini.yaml)")
     parser.add_argument("--data", default=None, help="built dataset dir (default: the ladder's data.path, built "
