@@ -168,8 +168,8 @@ def check_gpu_environment(cuda_available: bool | None = None) -> None:
 
 def device_index(local_rank: int, visible_devices: int) -> int:
     """Index among the visible GPUs of the rank with this local rank: local_rank mod visible devices. Right
-    both for 8 tasks sharing a node's 8 visible GPUs (slurm/common.sh: `srun --gpu-bind=none`) and for
-    per-task binding (each task sees one device, index 0)."""
+    both for 8 tasks sharing a node's 8 visible GPUs (slurm/common.sh: no per-task binding) and for per-task
+    binding (each task sees one device, index 0); tests/test_slurm.py checks both on emulated GPUs."""
     return local_rank % visible_devices
 
 
