@@ -66,7 +66,8 @@ first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 MASTER_ADDR="$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)"
 MASTER_ADDR="${MASTER_ADDR:-$first_node}"
 # one rule for the port, below the kernel's ephemeral range (tokenformer_dist/net.py: job_port)
-MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -m tokenformer_dist.net job-port "$SLURM_JOB_ID")}"
+MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import sys; from tokenformer_dist.net import job_port
+print(job_port(int(sys.argv[1])))' "$SLURM_JOB_ID")}"
 export MASTER_ADDR MASTER_PORT
 # a RANK/WORLD_SIZE inherited from the submitting shell would override SLURM_PROCID in the trainer
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE

@@ -1,13 +1,9 @@
 """Local networking for launchers: a free TCP port for a torch.distributed rendezvous (or any local server),
-and the rendezvous port of a Slurm job.
-
-    python -m tokenformer_dist.net job-port JOB_ID     prints the job's MASTER_PORT (used by slurm/common.sh)
-"""
+and the rendezvous port of a Slurm job (`job_port`: slurm/common.sh and parallel.env_from_launcher use it)."""
 
 from __future__ import annotations
 
 import socket
-import sys
 
 # A Slurm job's rendezvous port: JOB_PORT_BASE + job id mod JOB_PORT_SPAN, i.e. 20000-31999. Below the
 # kernel's ephemeral range (Linux default 32768-60999, /proc/sys/net/ipv4/ip_local_port_range), from which
@@ -29,15 +25,3 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "job-port" or not argv[1].isdigit():
-        print(f"usage: python -m tokenformer_dist.net job-port JOB_ID (got {' '.join(argv) or 'nothing'})",
-              file=sys.stderr)
-        return 2
-    print(job_port(int(argv[1])))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
