@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.dist import REPO
-from tests.dist_scripts.train_helpers import MULTI, build_sample, env, launch_runs, losses, metrics, train_argv
+from tests.dist_scripts.train_helpers import MULTI, env, launch_runs, losses, metrics, train_argv
 from tokenformer_dist import checkpoint as ckpt_lib
 from tokenformer_dist.config import ModelConfig
 
@@ -29,26 +29,21 @@ EAGER = {"train.compile": "false"}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_sample(tmp_path_factory.mktemp("data") / "sample")
-
-
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
+def runs(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("compile_runs")
     fp32 = {"train.grad_clip": CLIP, "train.save_every": 10}
     bf16 = {"parallel.dtype": "bf16", "train.warmup_frac": 0.0, "train.min_lr": 3e-3, "train.lr": 3e-3}
     launch_runs(2, [
-        train_argv(data, root / "eager_tp2", STEPS, tp=2, zero=1, **fp32, **EAGER),
-        train_argv(data, root / "compiled_tp2", STEPS, tp=2, zero=1, **fp32, **COMPILE),
-        train_argv(data, root / "compiled_tp2_z2_ckpt", STEPS, tp=2, zero=2, **fp32, **COMPILE,
+        train_argv(sample_data, root / "eager_tp2", STEPS, tp=2, zero=1, **fp32, **EAGER),
+        train_argv(sample_data, root / "compiled_tp2", STEPS, tp=2, zero=1, **fp32, **COMPILE),
+        train_argv(sample_data, root / "compiled_tp2_z2_ckpt", STEPS, tp=2, zero=2, **fp32, **COMPILE,
                    **{"parallel.activation_checkpointing": "true"}),
-        train_argv(data, root / "eager_tp1", STEPS, tp=1, zero=1, **fp32, **EAGER),
-        train_argv(data, root / "compiled_tp1_z3", STEPS, tp=1, zero=3, **fp32, **COMPILE),
-        train_argv(data, root / "bf16_split", 3, tp=2, zero=1, **bf16, **COMPILE),
-        train_argv(data, root / "bf16_split", 6, tp=2, zero=1, **bf16, **COMPILE),
-        train_argv(data, root / "bf16_whole", 6, tp=2, zero=1, **bf16, **COMPILE),
-        train_argv(data, root / "bf16_eager", 6, tp=2, zero=1, **bf16, **EAGER),
+        train_argv(sample_data, root / "eager_tp1", STEPS, tp=1, zero=1, **fp32, **EAGER),
+        train_argv(sample_data, root / "compiled_tp1_z3", STEPS, tp=1, zero=3, **fp32, **COMPILE),
+        train_argv(sample_data, root / "bf16_split", 3, tp=2, zero=1, **bf16, **COMPILE),
+        train_argv(sample_data, root / "bf16_split", 6, tp=2, zero=1, **bf16, **COMPILE),
+        train_argv(sample_data, root / "bf16_whole", 6, tp=2, zero=1, **bf16, **COMPILE),
+        train_argv(sample_data, root / "bf16_eager", 6, tp=2, zero=1, **bf16, **EAGER),
     ], timeout=900)
     # growth of the compiled TP-1 run, then (one plain process, TP 1) a compiled run from the grown weights and
     # one from the original weights, both at a learning rate of ~0 with validation after their one step
@@ -57,9 +52,10 @@ def runs(data, tmp_path_factory):
                             capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
     assert expand.returncode == 0, expand.stderr[-3000:]
     frozen = {"train.lr": 1e-30, "train.min_lr": 0, "train.eval_every": 1, **COMPILE}
-    same = train_argv(data, root / "same_run", 1, tp=1, zero=1, **frozen) + ["--init-from",
+    same = train_argv(sample_data, root / "same_run", 1, tp=1, zero=1, **frozen) + ["--init-from",
                                                                              str(root / "compiled_tp1_z3")]
-    grown = train_argv(data, root / "grown_run", 1, tp=1, zero=1, **frozen) + ["--init-from", str(root / "grown")]
+    grown = train_argv(sample_data, root / "grown_run", 1, tp=1, zero=1, **frozen) + ["--init-from",
+                                                                                   str(root / "grown")]
     grown[1] = str(root / "grown" / "config.yaml")
     proc = subprocess.run([sys.executable, str(MULTI), json.dumps([same, grown])], capture_output=True, text=True,
                           timeout=600, env=env(), cwd=REPO)
@@ -124,10 +120,10 @@ def test_compiled_training_from_a_grown_checkpoint_is_lossless(runs):
     assert rel(grown[0], same[0]) <= 1e-5, (grown[0], same[0])
 
 
-def test_evaluate_cli_matches_compiled_validation(runs, data):
+def test_evaluate_cli_matches_compiled_validation(runs, sample_data):
     """The evaluate CLI (eager) on a compiled run's checkpoint == that run's compiled in-training validation."""
     proc = subprocess.run([sys.executable, "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "compiled_tp1_z3"),
-                           "--data", str(data), "--batches", "8", "--json"],
+                           "--data", str(sample_data), "--batches", "8", "--json"],
                           capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -136,9 +132,9 @@ def test_evaluate_cli_matches_compiled_validation(runs, data):
     assert rel(result["loss"], val["val_loss"]) <= 1e-5, (result["loss"], val["val_loss"])
 
 
-def test_compile_failure_is_one_line(data, tmp_path):
+def test_compile_failure_is_one_line(sample_data, tmp_path):
     """A compiler that cannot run: exit 2 and one line naming train.compile, never eager in disguise."""
-    argv = train_argv(data, tmp_path / "run", 2, tp=1, zero=1, **COMPILE)
+    argv = train_argv(sample_data, tmp_path / "run", 2, tp=1, zero=1, **COMPILE)
     proc = subprocess.run([sys.executable, "-m", "tokenformer_dist.train", *argv], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env={**env(), "CXX": str(tmp_path / "no-such-compiler"),
                                                       "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
@@ -236,11 +232,11 @@ def test_step_profiler_summary(tmp_path):
     assert s["top"][0]["name"] == "aten::mm" and "aten::mm" in format_summary(s)
 
 
-def test_profile_flag_writes_a_trace(data, tmp_path):
+def test_profile_flag_writes_a_trace(sample_data, tmp_path):
     """`--profile 2` on a real (eager, CPU) run: a Chrome/TensorBoard trace and a summary under
     <run-dir>/profile/, and the top-operators table in the output."""
     run = tmp_path / "run"
-    argv = train_argv(data, run, 7, tp=1, zero=1, **EAGER) + ["--profile", "2"]
+    argv = train_argv(sample_data, run, 7, tp=1, zero=1, **EAGER) + ["--profile", "2"]
     proc = subprocess.run([sys.executable, "-m", "tokenformer_dist.train", *argv], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]

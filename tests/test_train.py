@@ -21,7 +21,6 @@ import torch
 
 from tests.dist import REPO
 from tests.dist_scripts.train_helpers import (
-    build_sample,
     env,
     launch_runs,
     losses,
@@ -48,15 +47,10 @@ BF16_MAX_REL, BF16_MIN_REL = 1e-3, 2e-5
 BF16_GROWTH_REL = 5e-5
 
 
-@pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    return build_sample(tmp_path_factory.mktemp("data") / "sample")
-
-
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
+def runs(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    tp2 = [train_argv(data, root / f"tp2_z{z}", STEPS, tp=2, zero=z, **{"train.grad_clip": CLIP,
+    tp2 = [train_argv(sample_data, root / f"tp2_z{z}", STEPS, tp=2, zero=z, **{"train.grad_clip": CLIP,
                                                                          "train.save_every": 3,
                                                                          "train.keep_last": 5})
            for z in (1, 2, 3)]
@@ -64,12 +58,13 @@ def runs(data, tmp_path_factory):
     # its uninterrupted twin; ZeRO-3 (fp32 gradient partitions)
     bf16 = {"parallel.dtype": "bf16"}
     const = {**bf16, "train.warmup_frac": 0.0, "train.min_lr": 3e-3, "train.lr": 3e-3}
-    saves = {"train.save_every": 3, "train.keep_last": 5}  # a step-3 checkpoint to resume at another DP size
-    tp2 += [train_argv(data, root / "bf16_z1", STEPS, tp=2, zero=1, **{"train.grad_clip": CLIP, **bf16, **saves}),
-            train_argv(data, root / "bf16_z3", STEPS, tp=2, zero=3, **{"train.grad_clip": CLIP, **bf16, **saves}),
-            train_argv(data, root / "bf16_split", 3, tp=2, zero=1, **const),
-            train_argv(data, root / "bf16_split", STEPS, tp=2, zero=1, **const),
-            train_argv(data, root / "bf16_whole", STEPS, tp=2, zero=1, **const)]
+    # saves: a step-3 checkpoint to resume at another DP size
+    clipped = {"train.grad_clip": CLIP, **bf16, "train.save_every": 3, "train.keep_last": 5}
+    tp2 += [train_argv(sample_data, root / "bf16_z1", STEPS, tp=2, zero=1, **clipped),
+            train_argv(sample_data, root / "bf16_z3", STEPS, tp=2, zero=3, **clipped),
+            train_argv(sample_data, root / "bf16_split", 3, tp=2, zero=1, **const),
+            train_argv(sample_data, root / "bf16_split", STEPS, tp=2, zero=1, **const),
+            train_argv(sample_data, root / "bf16_whole", STEPS, tp=2, zero=1, **const)]
     launch_runs(4, tp2)
     # expansion of the bf16 run (its checkpoint keeps fp32 master weights), evaluated in bf16 below; the
     # official init (not function-preserving) is the control the lossless check must fail
@@ -78,25 +73,26 @@ def runs(data, tmp_path_factory):
                                  str(root / f"bf16_grown_{init}"), "--tp", "2", "--grow", "2", "--init", init,
                                  "--no-progress"], capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
         assert expand.returncode == 0, expand.stderr[-3000:]
-    ref = train_argv(data, root / "tp1", STEPS, tp=1, zero=1,
+    ref = train_argv(sample_data, root / "tp1", STEPS, tp=1, zero=1,
                      **{"train.grad_clip": CLIP, "train.keep_last": 1})
     # DP changes: the TP2×DP2 runs' step-3 checkpoints resumed at TP2×DP1 (micro 8 keeps the global batch)
     resumes = []
     for src, dst, zero, dtype in DP_CHANGES:
         _copy_checkpoint(root / src, root / dst, 3)
-        resumes.append(train_argv(data, root / dst, STEPS, tp=2, zero=zero, **{
+        resumes.append(train_argv(sample_data, root / dst, STEPS, tp=2, zero=zero, **{
             "train.grad_clip": CLIP, "train.micro_batch_size": 8, "parallel.dtype": dtype}))
     # ... and from a damaged one (a ZeRO partition missing): rank 0's conversion fails, every rank stops
     _copy_checkpoint(root / "tp2_z1", root / "damaged", 3)
     (root / "damaged" / "checkpoints" / "step_00000003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    resumes.append(train_argv(data, root / "damaged", STEPS, tp=2, zero=1, **{"train.micro_batch_size": 8}))
-    init = train_argv(data, root / "init", 1, tp=2, zero=2, **{"train.lr": 1e-30, "train.min_lr": 0})
+    resumes.append(train_argv(sample_data, root / "damaged", STEPS, tp=2, zero=1, **{"train.micro_batch_size": 8}))
+    init = train_argv(sample_data, root / "init", 1, tp=2, zero=2, **{"train.lr": 1e-30, "train.min_lr": 0})
     init += ["--init-from", str(root / "tp2_z1")]
     frozen = {"train.lr": 1e-30, "train.min_lr": 0, "parallel.dtype": "bf16", "train.eval_every": 1}
-    same = train_argv(data, root / "bf16_same", 1, tp=2, zero=1, **frozen) + ["--init-from", str(root / "bf16_z1")]
+    same = train_argv(sample_data, root / "bf16_same", 1, tp=2, zero=1, **frozen) + ["--init-from",
+                                                                                      str(root / "bf16_z1")]
     grown = []
     for how in GROWTH_INITS:
-        argv = train_argv(data, root / f"bf16_grown_{how}_run", 1, tp=2, zero=1, **frozen)
+        argv = train_argv(sample_data, root / f"bf16_grown_{how}_run", 1, tp=2, zero=1, **frozen)
         argv[1] = str(root / f"bf16_grown_{how}" / "config.yaml")
         grown.append(argv + ["--init-from", str(root / f"bf16_grown_{how}")])
     launch = launch_runs(2, [ref, *resumes, init, same, *grown], check=False)
@@ -207,16 +203,16 @@ def _run_until_end(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
     return proc.returncode, time.monotonic() - t0
 
 
-def test_kill_crash_preempt_resume_is_bit_identical(data, tmp_path):
+def test_kill_crash_preempt_resume_is_bit_identical(sample_data, tmp_path):
     """kill -9 of one rank -> the other exits; crash inside a checkpoint write -> previous one is loaded;
     SIGUSR1 -> checkpoint + exit 75; every restart resumes, and the whole loss sequence equals an
     uninterrupted run's bit for bit."""
     n = 40
     sets = {"train.save_every": 5, "train.keep_last": 3}
     base = tmp_path / "base"
-    launch_runs(2, [train_argv(data, base, n, tp=2, zero=2, **sets)])
+    launch_runs(2, [train_argv(sample_data, base, n, tp=2, zero=2, **sets)])
     run = tmp_path / "run"
-    argv = train_argv(data, run, n, tp=2, zero=2, **sets)
+    argv = train_argv(sample_data, run, n, tp=2, zero=2, **sets)
 
     # 1. kill -9 one rank mid-training: the other must exit within 60 s (no hang)
     proc = start_train(2, argv)
@@ -256,13 +252,13 @@ def test_kill_crash_preempt_resume_is_bit_identical(data, tmp_path):
     assert got == ref
 
 
-def test_evaluate_cli_reshards_under_torchrun(runs, data):
+def test_evaluate_cli_reshards_under_torchrun(runs, sample_data):
     """torchrun, 2 processes at --tp 2, of the TP1×DP2 checkpoint (resharded as it is loaded) == that trainer's
     own final validation loss."""
     from tests.dist_scripts.train_helpers import env, torchrun_cmd
 
     cmd = torchrun_cmd(2, "-m", "tokenformer_dist.evaluate", "--ckpt", str(runs / "tp1"), "--tp", "2",
-                       "--data", str(data), "--batches", "8", "--json")
+                       "--data", str(sample_data), "--batches", "8", "--json")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "written at tp 1, evaluated at tp 2" in proc.stdout
@@ -274,14 +270,14 @@ def test_evaluate_cli_reshards_under_torchrun(runs, data):
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
-def test_evaluate_at_tp1_from_tp2_checkpoint(runs, data, zero, capsys, monkeypatch):
+def test_evaluate_at_tp1_from_tp2_checkpoint(runs, sample_data, zero, capsys, monkeypatch):
     """One plain process (TP 1, no process group) reading the TP2×DP2 checkpoint of each ZeRO stage == the
     trainer's own final validation loss at TP 2."""
     from tokenformer_dist import evaluate
 
     for var in ("WORLD_SIZE", "RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
-    assert evaluate.main(["--ckpt", str(runs / f"tp2_z{zero}"), "--data", str(data), "--batches", "8",
+    assert evaluate.main(["--ckpt", str(runs / f"tp2_z{zero}"), "--data", str(sample_data), "--batches", "8",
                           "--json"]) == 0
     out = capsys.readouterr().out
     assert "written at tp 2, evaluated at tp 1" in out

@@ -260,10 +260,15 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), t
     return validate(cfg)
 
 
+def parameter_tokens_per_layer(m: ModelConfig) -> int:
+    """Σ n over one layer's five Pattentions: Q, K, V (qkv_tokens each), the output projection, the FFN."""
+    return 3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens
+
+
 def param_count(m: ModelConfig) -> int:
     """Exact parameter count: tied embedding, 5 Pattentions per layer (n*(d_in+d_out) each), final LayerNorm."""
     d = m.d_model
-    per_layer = 2 * d * (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens)
+    per_layer = 2 * d * parameter_tokens_per_layer(m)
     return m.vocab_size * d + m.n_layers * per_layer + 2 * d
 
 

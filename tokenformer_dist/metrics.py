@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tokenformer_dist.atomic import atomic_write_text
-from tokenformer_dist.config import ModelConfig
+from tokenformer_dist.config import ModelConfig, parameter_tokens_per_layer
 
 # Dense bf16 peak FLOP/s by device-name substring (first match wins), from the vendors' data sheets.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -29,7 +29,7 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
     s, d = seq_len or m.seq_len, m.d_model
-    pattention = 2 * 2 * d * (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens)  # 2·n·(d+d) each
+    pattention = 2 * 2 * d * parameter_tokens_per_layer(m)  # 2·n·(d+d) each
     attention = 4 * s * d
     return float(m.n_layers * (pattention + attention) + 2 * d * m.vocab_size)
 

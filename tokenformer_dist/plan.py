@@ -40,7 +40,7 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
-from tokenformer_dist.config import Config, ModelConfig
+from tokenformer_dist.config import Config, ModelConfig, parameter_tokens_per_layer
 from tokenformer_dist.metrics import flops_per_token, forward_flops_per_token
 
 GB = 1e9
@@ -217,12 +217,12 @@ class Estimate:
 def params_per_rank(m: ModelConfig, tp: int) -> int:
     """Parameters one TP rank holds: every Pattention's n/tp token rows, V/tp embedding rows, the final LN."""
     d = m.d_model
-    per_layer = 2 * d * (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens) // tp
+    per_layer = 2 * d * parameter_tokens_per_layer(m) // tp
     return m.vocab_size // tp * d + m.n_layers * per_layer + 2 * d
 
 
 def largest_layer_params(m: ModelConfig, tp: int) -> int:
-    return max(2 * m.d_model * (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens) // tp, m.vocab_size // tp * m.d_model)
+    return max(2 * m.d_model * parameter_tokens_per_layer(m) // tp, m.vocab_size // tp * m.d_model)
 
 
 # ---- activations -----------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def activation_elements_per_token(m: ModelConfig, tp: int) -> tuple[float, float
     """
     d = m.d_model
     attention = 5 * d if tp == 1 else d + 6 * d / tp
-    n_sum = (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens) / tp
+    n_sum = parameter_tokens_per_layer(m) / tp
     return 4 * d + attention + n_sum, 5 + 4 + m.n_heads / tp
 
 
@@ -355,7 +355,7 @@ def compute_seconds(m: ModelConfig, lay: Layout, hw: Hardware,
     b = hw.dtype_bytes
     fwd_flops = forward_flops_per_token(m) * tokens / lay.tp
     flops = flops_per_token(m) * tokens / lay.tp + (fwd_flops if lay.activation_checkpointing else 0.0)
-    n_sum = (3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens) / lay.tp
+    n_sum = parameter_tokens_per_layer(m) / lay.tp
     if lay.compile:
         fwd_passes, bwd_passes = lean_passes or (COMPILED_PASSES_FWD, COMPILED_PASSES_BWD)
         d_passes, ce_passes = COMPILED_D_PASSES_PER_LAYER, COMPILED_CE_PASSES

@@ -14,6 +14,7 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tokenformer_dist.hf.configuration_tokenformer import TokenFormerConfig
+from tokenformer_dist.model.attention import Rotary
 from tokenformer_dist.model.tokenformer import TokenFormer
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache` (generate() passes
@@ -33,7 +34,11 @@ class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """Every weight comes from model.safetensors; nothing is drawn here."""
+        """Every weight comes from model.safetensors; nothing is drawn here. The rotary frequencies are a
+        non-persistent buffer (not in the file) that from_pretrained materializes empty: computed here, as
+        transformers' own rotary models do."""
+        if isinstance(module, Rotary):
+            module.reset_constants()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embedding
