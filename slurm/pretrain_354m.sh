@@ -9,7 +9,6 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@600
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 CONFIG="${CONFIG:-configs/owt_354m.yaml}"

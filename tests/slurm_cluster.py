@@ -76,10 +76,14 @@ def _stop_pid(pid: int, timeout: float = 15) -> None:
 
 class SlurmCluster:
     """`nodes` nodes tfd1..tfdN on this machine (`hostname -s`), `cpus` declared CPUs each, one default
-    partition `debug`."""
+    partition `debug`. `gpus` > 0 declares that many GPUs per node as generic resources (`Gres=gpu:N`) whose
+    device files are links to /dev/null in the cluster's temp dir (slurmd wants character devices): Slurm
+    allocates and binds them, and sets CUDA_VISIBLE_DEVICES, as it would for real GPUs (no process here can
+    use them)."""
 
-    def __init__(self, cpus: int = 4, nodes: int = 1) -> None:
+    def __init__(self, cpus: int = 4, nodes: int = 1, gpus: int = 0) -> None:
         self.cpus = cpus
+        self.gpus = gpus
         self.host = socket.gethostname().split(".")[0]
         self.nodes = [f"tfd{i}" for i in range(1, nodes + 1)]
         self.root: Path | None = None
@@ -127,11 +131,18 @@ class SlurmCluster:
     def _write_conf(self) -> None:
         assert self.root is not None and self.conf is not None
         r = self.root
-        # a random first job id: MASTER_PORT derives from it, so two concurrent test sessions do not collide
-        first_job = random.randint(1000, 19000)
+        # a random first job id: MASTER_PORT derives from it, so two concurrent test sessions do not collide;
+        # from 12000, where net.job_port (id mod 12000) and a plain `id mod 20000` rule give different ports
+        first_job = random.randint(12000, 19000)
         # one slurmd per node, all on this machine: each its own port (NodeHostname: where it may run)
+        gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} "
-                           f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes)
+                           f"CPUs={self.cpus}{gres} State=UNKNOWN" for n in self.nodes)
+        if self.gpus:
+            (r / "dev").mkdir()
+            for i in range(self.gpus):
+                (r / "dev" / f"nvidia{i}").symlink_to("/dev/null")
+            (r / "gres.conf").write_text(f"AutoDetect=off\nName=gpu File={r}/dev/nvidia[0-{self.gpus - 1}]\n")
         self.conf.write_text(f"""# written by tests/slurm_cluster.py
 ClusterName=tfdtest
 SlurmctldHost={self.host}(127.0.0.1)
@@ -152,6 +163,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
+{"GresTypes=gpu" if self.gpus else ""}
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
 MpiDefault=none

@@ -105,6 +105,12 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         (["--data", "{empty}", "--out", "{out}", "--steps", "0"], "--steps 0"),
         (["--steps", "x"], "--steps"),
     ],
+    "-m tokenformer_dist.cadence": [
+        (["--config", "{missing}/c.yaml", *NODES], "no such config file"),
+        (["--config", "{tiny}", "--nodes", "0", "--gpus-per-node", "8", "--gpu", "h100"], "--nodes 0"),
+        (["--config", "{tiny}", *NODES[:-1], "bogus"], "--gpu"),
+        (["--config", "{tiny}", *NODES, "--write-gbps", "x"], "--write-gbps"),
+    ],
     "data_prep/build.py": [
         (["--input", "{missing}", "--output", "{out}"], "input not found"),
         (["--input", "{empty}", "--output", "{out}", "--vocab-size", "x"], "--vocab-size"),

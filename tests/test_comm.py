@@ -71,7 +71,10 @@ TENSOR_FUNCTIONS = {
     "all_reduce_max": lambda: comm.all_reduce_max(torch.ones(3)),
     "any_rank": lambda: comm.any_rank(True),
 }
-NO_TENSOR = {"set_device", "device", "is_distributed", "barrier"}
+# objects, not tensors: torch pickles them onto the registered device (broadcast_object passes it; under NCCL
+# all_gather_object uses the current CUDA device, which init_distributed sets) -- tests/test_cluster_robustness.py
+NO_TENSOR = {"set_device", "device", "is_distributed", "barrier", "broadcast_object", "all_gather_object",
+             "decide_on_rank0", "require_on_every_rank"}
 
 
 @pytest.fixture

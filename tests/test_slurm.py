@@ -1,10 +1,13 @@
-"""The Slurm scripts on a real two-node Slurm on this machine (tests/slurm_cluster.py: two `slurmd -N`):
-a tiny job through `sbatch --nodes=2 slurm/pretrain_124m.sh` (2 CPU tasks per node, TP 2 inside a node,
-DP 2 across), the same job requeued twice (by `scontrol requeue`, and by its own script on the time-limit
-signal) resuming from its checkpoint each time with the same losses, slurm/progressive.sh chaining two
-growths and two training stages on two nodes, and Slurm's host-list expansion against `scontrol show
-hostnames` (which needs only a slurm.conf, no daemons). Skipped (reason and daemon logs printed) where Slurm
-is not installed or its daemons cannot start; under CI=true that fails instead (tests/ci.py).
+"""The Slurm scripts on a real two-node Slurm on this machine (tests/slurm_cluster.py: two `slurmd -N`, each
+node with 2 CPUs; a second such cluster whose nodes have 2 emulated GPUs each): a tiny job through
+`sbatch --nodes=2 slurm/pretrain_124m.sh` (2 CPU tasks per node, TP 2 inside a node, DP 2 across; its
+rendezvous port and time-limit lead from the project's rules), the same job requeued twice (by `scontrol
+requeue`, and by its own script on the time-limit signal) resuming from its checkpoint each time with the
+same losses, the script's own time-limit timer and its GPU binding (with a stand-in for the trainer,
+tests/dist_scripts/slurm_probe.py), slurm/progressive.sh chaining two growths and two training stages on
+two nodes, and Slurm's host-list expansion against `scontrol show hostnames` (which needs only a slurm.conf,
+no daemons). Skipped (reason and daemon logs printed) where Slurm is not installed or its daemons cannot
+start; under CI=true that fails instead (tests/ci.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import yaml
 
 from tests.ci import unavailable
 from tests.slurm_cluster import SlurmCluster
+from tokenformer_dist import cadence
 from tokenformer_dist.checkpoint import resolve_checkpoint
+from tokenformer_dist.config import load_config
+from tokenformer_dist.net import job_port
 from tokenformer_dist.parallel import expand_hostlist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,9 +134,14 @@ def test_pretrain_script_runs_on_two_nodes_with_two_tasks_each(cluster: SlurmClu
     info, log = tiny_run["info"], tiny_run["out"].read_text()
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
     assert info["NodeList"] == "tfd[1-2]" and info["NumNodes"] == "2", info
-    # the rendezvous is the first node's NodeAddr; each rank gets 2 CPUs / 2 tasks = 1 OMP thread
-    assert "4 ranks (2 node(s) x 2, GPUs/node 0), rendezvous 127.0.0.1:" in log and "--tp 2" in log, log
+    # the rendezvous is the first node's NodeAddr at the job's port (net.job_port: below the ephemeral
+    # range); each rank gets 2 CPUs / 2 tasks = 1 OMP thread
+    port = job_port(tiny_run["job"])
+    assert f"4 ranks (2 node(s) x 2, GPUs/node 0), rendezvous 127.0.0.1:{port}\n" in log and "--tp 2" in log, log
     assert "1 CPU(s) and 1 OMP thread(s) per rank" in log, log
+    # the time-limit warning, armed with the lead cadence.py derives from the config (2 nodes x 2 CPU ranks)
+    lead = math.ceil(cadence.cadence(load_config(REPO / "configs" / "tiny.yaml"), 2, 2, "cpu").lead_s)
+    assert re.search(rf"time-limit warning \(SIGUSR1\) in \d+ s, {lead} s before the limit", log), (lead, log)
     # Slurm's own records: each node's slurmd launched the trainer step (srun --ntasks-per-node=2; every
     # rank checks at start-up that it runs on node rank // 2, see parallel.check_tp_within_node)
     for node in ("tfd1", "tfd2"):
@@ -142,7 +153,7 @@ def test_pretrain_script_runs_on_two_nodes_with_two_tasks_each(cluster: SlurmClu
 def test_requeued_job_resumes_from_its_checkpoint(cluster: SlurmCluster, data_dir: Path, tiny_run: dict,
                                                   tmp_path: Path) -> None:
     """Two interruptions of one job: `scontrol requeue` (Slurm sends SIGCONT + SIGTERM to every process of
-    the job), then SIGUSR1 to the batch shell only (what `--signal=B:USR1@600` sends before the time limit;
+    the job), then SIGUSR1 to the batch shell only (what the script's time-limit timer sends before the limit;
     the script forwards it to the ranks and requeues the job itself). Each time the trainer checkpoints,
     exits 75, and the restarted job resumes from that checkpoint: the metrics run 1..steps once, with the
     losses of the uninterrupted job."""
@@ -181,6 +192,78 @@ def _wait_restart_progress(run_dir: Path, out: Path, restarts: int) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"job did not restart {restarts} time(s) within 120 s\n{out.read_text()[-4000:]}")
+
+
+def _probe_python(tmp: Path, mode: str) -> Path:
+    """A PYTHON for slurm/common.sh that runs tests/dist_scripts/slurm_probe.py MODE where the script starts
+    the trainer, and the real interpreter for everything else (the port and lead look-ups)."""
+    wrapper = tmp / "python"
+    wrapper.write_text(f"""#!/bin/bash
+for a in "$@"; do
+  [[ "$a" != tokenformer_dist.train ]] || exec {sys.executable} {REPO}/tests/dist_scripts/slurm_probe.py {mode}
+done
+exec {sys.executable} "$@"
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.fixture
+def gpu_cluster(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """Two nodes with 2 emulated GPUs each (its own cluster: the scripts' `--exclusive` would hand the GPUs to
+    the CPU jobs of `cluster` too, and the trainer rightly refuses GPUs it cannot use)."""
+    c = SlurmCluster(cpus=2, nodes=2, gpus=2).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_every_rank_gets_its_own_gpu(gpu_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """GPU binding on two nodes x 2 emulated GPUs: pretrain_124m.sh's srun (--gpus-per-node, Slurm's default
+    binding: every task sees the step's GPUs of its node) and, for a cluster that binds per task, `srun
+    --gpus-per-task=1` (each task sees one). Either way the trainer's rule (cuda:LOCAL_RANK mod visible
+    devices, with LOCAL_RANK from SLURM_LOCALID) gives the ranks of a node distinct GPUs, all of them."""
+    cluster = gpu_cluster
+    out = tmp_path / "job.out"
+    job = cluster.submit(SLURM_DIR / "pretrain_124m.sh", [],
+                         ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=30", f"--output={out}"],
+                         env={"CONFIG": "configs/tiny.yaml", "RUN_DIR": str(tmp_path / "run"),
+                              "PYTHON": str(_probe_python(tmp_path, "gpus"))}, cwd=REPO)
+    cluster.wait_job(job, ["COMPLETED"], timeout=120, output=out)
+    per_task = tmp_path / "per_task.sh"
+    per_task.write_text(f"#!/bin/bash\nsrun --gpus-per-task=1 {sys.executable} {REPO}/tests/dist_scripts/"
+                        "slurm_probe.py gpus\n")
+    out2 = tmp_path / "per_task.out"
+    job2 = cluster.submit(per_task, [], ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=5",
+                                         f"--output={out2}"], env={"PYTHONPATH": str(REPO)}, cwd=REPO)
+    cluster.wait_job(job2, ["COMPLETED"], timeout=120, output=out2)
+    for f, visible in ((out, 2), (out2, 1)):
+        probes = [json.loads(ln) for ln in f.read_text().splitlines() if ln.startswith("{")]
+        assert sorted(p["rank"] for p in probes) == [0, 1, 2, 3], f.read_text()
+        for node in ("tfd1", "tfd2"):
+            mine = [p for p in probes if p["node"] == node]
+            assert all(p["local_rank"] == p["slurm_localid"] and len(p["visible"]) == visible for p in mine), mine
+            assert sorted(p["gpu"] for p in mine) == ["0", "1"], mine  # distinct, and all of the node's
+
+
+def test_time_limit_warning_checkpoints_and_requeues(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """The script's own warning: SIGNAL_LEAD (45 s) before the job's time limit (1 min) it sends itself
+    SIGUSR1, passes it to the ranks (here stand-ins that exit 75 at once, as the trainer does after its
+    checkpoint) and requeues the job. The trainer's side of this is test_requeued_job_resumes_from_its_checkpoint."""
+    out = tmp_path / "job.out"
+    job = cluster.submit(SLURM_DIR / "pretrain_124m.sh", [], [*CPU_FLAGS[:3], "--time=1", f"--output={out}"],
+                         env={"CONFIG": "configs/tiny.yaml", "RUN_DIR": str(tmp_path / "run"), "SIGNAL_LEAD": "45",
+                              "PYTHON": str(_probe_python(tmp_path, "usr1"))}, cwd=REPO)
+    try:
+        cluster.wait_job(job, ["RUNNING", "PENDING"], timeout=120, restarts=1, output=out)
+    finally:
+        subprocess.run(["scancel", str(job)], env=cluster.env, timeout=30)
+    log = out.read_text()
+    assert re.search(r"time-limit warning \(SIGUSR1\) in \d+ s, 45 s before the limit", log), log
+    assert "SIGUSR1: time limit near; asking the trainer to checkpoint" in log, log
+    assert log.count("got SIGUSR1") >= 2 and "trainer exited with status 75" in log, log  # both ranks
+    assert f"requeueing job {job}" in log, log
 
 
 @pytest.mark.parametrize(("env", "error"), [

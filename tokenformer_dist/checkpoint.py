@@ -11,17 +11,26 @@
 
 A checkpoint is written as `<tag>.partial` and renamed only after every rank has finished; `latest` moves
 only after that, so a crash mid-write leaves the previous checkpoint as the one that is loaded.
+
+The run directory is shared by all nodes (`check_run_dir_shared`, at start-up). What it holds is read by
+rank 0 for every decision that gates a collective (which checkpoint to resume, whether a save is already
+done, the universal conversion) and handed to the other ranks (`comm.decide_on_rank0`); each rank then
+checks it sees what rank 0 decided on (`comm.require_on_every_rank`), so a node with a stale view of
+`latest` stops the job with one line instead of resuming another step or hanging in a collective.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +41,22 @@ from safetensors.torch import load_file, save_file
 from tokenformer_dist import comm
 from tokenformer_dist.atomic import atomic_path, atomic_write_text
 from tokenformer_dist.config import Config, config_yaml, load_config
-from tokenformer_dist.sharding import full_shape, is_tp_sharded, join_parts, local_part, universal_checkpoint_info
+from tokenformer_dist.sharding import (
+    full_shape,
+    is_tp_sharded,
+    join_parts,
+    local_part,
+    universal_checkpoint_info,
+    universal_restore_meta,
+)
 from tokenformer_dist.weights import CONFIG, META, checkpoint_tp, is_weights_dir, load_weights, rank_file
 
 LATEST = "latest"
 UNIVERSAL = "universal"
+SHARED_CHECK = ".shared_check"  # written by rank 0 at start-up, read by every rank, then removed
+# How long a rank waits to see a file another node has just written (NFS caches directory lookups for
+# seconds); TOKENFORMER_DIST_FS_WAIT_S overrides it.
+FS_WAIT_S = 30.0
 
 
 def tag_for(step: int) -> str:
@@ -53,6 +73,72 @@ def latest_tag(run_dir: str | Path) -> str | None:
         return None
     tag = f.read_text().strip()
     return tag if (checkpoints_dir(run_dir) / tag / META).is_file() else None
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(tag, meta) of the run dir's latest complete checkpoint, (None, None) when it has none."""
+    tag = latest_tag(run_dir)
+    return (tag, read_meta(checkpoints_dir(run_dir) / tag)) if tag else (None, None)
+
+
+def fs_wait_s() -> float:
+    return float(os.environ.get("TOKENFORMER_DIST_FS_WAIT_S", FS_WAIT_S))
+
+
+def _seen_within(sees: Callable[[], bool], wait_s: float) -> bool:
+    """Whether `sees()` becomes true within `wait_s` seconds (polled; OSError counts as not yet)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if sees():
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def check_run_dir_shared(run_dir: str | Path) -> None:
+    """Collective, at start-up: stop (LaunchError, one line naming the node and the path) unless every rank
+    sees the run directory rank 0 sees. Rank 0 writes a fresh nonce into it; every rank must read that nonce
+    back within `fs_wait_s()`. A node-local run directory would leave the other nodes' checkpoint shards in
+    `<tag>.partial` and, after a requeue, start those nodes at step 0 while node 0 resumed."""
+    run_dir = Path(run_dir)
+
+    def write_nonce() -> tuple[str, str]:
+        nonce = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / SHARED_CHECK, nonce)
+        return nonce, socket.gethostname()
+
+    nonce, host0 = comm.decide_on_rank0(write_nonce)
+    wait_s = fs_wait_s()
+
+    def sees_nonce() -> str | None:
+        if _seen_within(lambda: (run_dir / SHARED_CHECK).read_text() == nonce, wait_s):
+            return None
+        return (f"--run-dir {run_dir} is not the directory rank 0 (node {host0}) uses: the file {SHARED_CHECK} "
+                f"rank 0 wrote there is not visible here after {wait_s:g} s; put the run directory on a "
+                f"filesystem that every node mounts at the same path")
+
+    try:
+        comm.require_on_every_rank(sees_nonce)
+    finally:
+        comm.decide_on_rank0(lambda: (run_dir / SHARED_CHECK).unlink(missing_ok=True))
+
+
+def require_checkpoint_visible(ckpt_dir: Path, meta: dict[str, Any]) -> None:
+    """Collective: every rank must read the same meta.json in `ckpt_dir` that rank 0 read (else one line)."""
+    wait_s = fs_wait_s()
+
+    def sees_it() -> str | None:
+        if _seen_within(lambda: read_meta(ckpt_dir) == meta, wait_s):
+            return None
+        return (f"{ckpt_dir}: rank 0 resumes from this checkpoint, but its {META} is missing or differs here "
+                f"(a stale view of the run directory?)")
+
+    comm.require_on_every_rank(sees_it)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -211,8 +297,8 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, cfg: Config, in
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     final, partial = root / tag, root / f"{tag}.partial"
-    if latest_tag(run_dir) == tag:
-        return final  # already saved (e.g. a run that resumed at its last step)
+    if comm.decide_on_rank0(lambda: latest_tag(run_dir) == tag):
+        return final  # already saved (e.g. a run that resumed at its last step); rank 0 decides for all
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in (partial, final):
@@ -260,27 +346,67 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(root / old, ignore_errors=True)
 
 
-def convert_to_universal(ckpt_dir: Path, out: Path) -> Path:
-    """Run DeepSpeed's ds_to_universal on a trainer checkpoint into `out` (written as <out>.tmp, renamed)."""
+def convert_to_universal(ckpt_dir: Path, out: Path, workers: int = 1) -> Path:
+    """Run DeepSpeed's ds_to_universal on a trainer checkpoint into `out` (written as <out>.tmp, renamed), with
+    `workers` extract and merge processes."""
     tmp = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"{ckpt_dir}: ds_to_universal failed: {tail[0]}")
+        raise ValueError(f"{ckpt_dir}: ds_to_universal failed: {tail[0]}")  # a damaged checkpoint: exit 2
     os.replace(tmp, out)
     return out
 
 
-def ensure_universal(ckpt_dir: Path, info: Any) -> Path:
-    """Convert a checkpoint to DeepSpeed's universal format once (rank 0), cached as <ckpt>/universal."""
+def mark_universal_restore(module: torch.nn.Module, tp_group: Any, tp_size: int) -> None:
+    """Before deepspeed.initialize, for a resume through a universal checkpoint: tag every parameter with the
+    TP block it loads (sharding.universal_restore_meta says why ZeRO 3 needs it), and hand DeepSpeed the TP
+    group that ZeRO 3's universal load asks its own `groups` module for (runtime/zero/stage3.py
+    `load_hp_checkpoint_state`: `groups.get_tensor_model_parallel_group()`, which only DeepSpeed's AutoTP sets;
+    elsewhere in DeepSpeed 0.19.8 it is read only for AutoEP, which this model does not use)."""
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    from deepspeed.utils import groups
+
+    for name, p in module.named_parameters():
+        setattr(p, DS_AUTOTP_UC_META, universal_restore_meta(name, tuple(p.shape), tp_size))
+    groups._TENSOR_MODEL_PARALLEL_GROUP = tp_group
+
+
+def load_engine_checkpoint(engine: Any, load_dir: Path, universal: bool) -> None:
+    """engine.load_checkpoint of a trainer checkpoint or, after a DP change, of its universal form; then undo
+    what DeepSpeed 0.19.8's ZeRO-3 universal load gets wrong (runtime/zero/stage3.py
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`):
+      - it assigns ONE `step` tensor object to every flat parameter group (`state[fp32_param]['step'] =
+        state_step`); torch's AdamW increments it in place once per group, so with two groups (decay, no
+        decay) the bias correction ran at twice the step rate;
+      - it copies group 0's hyperparameters into every group, giving the no-decay group (final LayerNorm)
+        weight decay.
+    Both are no-ops for ZeRO 1/2 and same-DP resumes; tests/test_train.py resumes ZeRO 3 at another DP size."""
+    inner = getattr(engine.optimizer, "optimizer", None)  # the torch AdamW inside DeepSpeed's wrapper
+    decays = [g["weight_decay"] for g in inner.param_groups] if inner is not None else []
+    engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    if not universal or inner is None:
+        return
+    for group, decay in zip(inner.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def ensure_universal(ckpt_dir: Path) -> Path:
+    """Collective: convert a checkpoint to DeepSpeed's universal format once, cached as <ckpt>/universal.
+    Rank 0 converts while the other ranks wait (bounded by parallel.dist_timeout_minutes; docs/training.md
+    has the conversion time per GB); a failed conversion stops every rank with rank 0's error."""
     out = ckpt_dir / UNIVERSAL
-    if info.is_main and not out.is_dir():
-        convert_to_universal(ckpt_dir, out)
-    comm.barrier()
+    comm.decide_on_rank0(lambda: out if out.is_dir() else convert_to_universal(ckpt_dir, out))
+    wait_s = fs_wait_s()
+    comm.require_on_every_rank(lambda: None if _seen_within(out.is_dir, wait_s) else
+                          f"{out}: the universal checkpoint rank 0 wrote is not visible here")
     return out
 
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(e)
     if launch.is_main:
         print(f"{ckpt} (written at tp {ckpt_tp}, evaluated at tp {tp}): {args.split} loss {result['loss']:.4f}  "
-              f"ppl {result['ppl']:.2f}  tokens {result['tokens']}")
+              f"ppl {result['ppl']:.2f}  tokens {result['tokens']}  (fp32 master weights)")
         if args.json:
             print(json.dumps(result))
     inference.finish(launch)

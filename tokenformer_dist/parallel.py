@@ -16,7 +16,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from tokenformer_dist import comm
+from tokenformer_dist.comm import LaunchError  # defined there: the ranks' agreement raises it too
 from tokenformer_dist.cpu_compat import apply_cpu_shims
+from tokenformer_dist.net import job_port
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,11 @@ def _node_layout() -> tuple[int | None, int | None]:
     return None, None
 
 
+def ranks_per_node() -> int | None:
+    """Ranks on each node, from torchrun or srun; None when unknown (then one node is assumed)."""
+    return _node_layout()[0]
+
+
 def env_from_launcher() -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from Slurm when not launched by torchrun."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -116,8 +123,8 @@ def env_from_launcher() -> None:
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
-        # a port derived from the job id lets two jobs share a node
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+        # a port derived from the job id lets two jobs share a node (the rule slurm/common.sh uses too)
+        os.environ.setdefault("MASTER_PORT", str(job_port(int(os.environ.get("SLURM_JOB_ID", "0")))))
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -127,10 +134,6 @@ def env_from_launcher() -> None:
 # Environment variables through which Slurm or a launcher hands a task GPUs.
 GPU_ENV_VARS = ("SLURM_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_JOB_GPUS",
                 "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
-
-
-class LaunchError(ValueError):
-    """The job's environment contradicts what this process can do (one line; the trainer exits 2)."""
 
 
 def _names_gpus(var: str, value: str) -> bool:
@@ -163,20 +166,29 @@ def check_gpu_environment(cuda_available: bool | None = None) -> None:
                           f"or set TOKENFORMER_DIST_ALLOW_CPU=1 to train on the CPU")
 
 
+def device_index(local_rank: int, visible_devices: int) -> int:
+    """Index among the visible GPUs of the rank with this local rank: local_rank mod visible devices. Right
+    both for 8 tasks sharing a node's 8 visible GPUs (slurm/common.sh: no per-task binding) and for per-task
+    binding (each task sees one device, index 0); tests/test_slurm.py checks both on emulated GPUs."""
+    return local_rank % visible_devices
+
+
 def local_device(local_rank: int) -> torch.device:
-    """cuda:(local_rank mod visible devices): right both for 8 tasks sharing 8 visible GPUs and for per-task
-    GPU binding (each task sees one device, index 0)."""
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
 
 
 def init_distributed(tp: int, timeout_minutes: float = 60.0, seed: int | None = None) -> DistInfo:
     """Start torch.distributed and megatron-core's TP/DP groups; register the compute device with `comm`.
 
-    Works under torchrun, the deepspeed launcher, srun, or as a single plain process. On GPU the default
-    group maps cpu->gloo and cuda->nccl; megatron's extra gloo groups are created only on CPU. The timeout
-    bounds every collective, including the wait of the other ranks while rank 0 converts a checkpoint to
-    DeepSpeed's universal format (parallel.dist_timeout_minutes). `seed` also seeds megatron's CUDA RNG
-    tracker on GPU.
+    Works under torchrun, the deepspeed launcher, srun, or as a single plain process. On GPU every group is
+    NCCL only: the default group is bound to this rank's device (`device_id`: NCCL connects at start-up, and
+    a bad node fails here rather than in the first step), megatron's groups inherit NCCL (they are created
+    with backend=None), and no gloo group exists. A `cpu:gloo,cuda:nccl` default would give every megatron
+    group an eagerly connected gloo mesh too, which stalls on nodes whose hostname resolves to 127.0.1.1;
+    nothing the trainer runs on GPU issues a CPU collective (comm.py moves tensors to the device; DeepSpeed
+    does the same; docs/slurm.md lists what was read). On CPU everything is gloo. The timeout bounds every
+    collective, including the wait of the other ranks while rank 0 converts a checkpoint to DeepSpeed's
+    universal format (parallel.dist_timeout_minutes). `seed` also seeds megatron's CUDA RNG tracker on GPU.
     """
     env_from_launcher()
     world_size = int(os.environ["WORLD_SIZE"])
@@ -189,17 +201,18 @@ def init_distributed(tp: int, timeout_minutes: float = 60.0, seed: int | None = 
     if cuda:
         device = local_device(local_rank)
         torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl"
+        backend, device_id = "nccl", device
     else:
         apply_cpu_shims()
-        device, backend = torch.device("cpu"), "gloo"
+        device, backend, device_id = torch.device("cpu"), "gloo", None
     comm.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device_id)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, distributed_timeout_minutes=int(max(1, timeout_minutes)),
-            create_gloo_process_groups=not cuda,
+            create_gloo_process_groups=False,  # megatron's gloo twins serve its distributed optimizer, unused here
         )
     if seed is not None:
         seed_all(seed)

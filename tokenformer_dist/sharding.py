@@ -8,8 +8,8 @@
 A sharded tensor is split along its dim into contiguous, equal blocks: rank r owns [r·n/tp, (r+1)·n/tp).
 Every consumer reads this table — the model's TP attributes and master init (model/tensor_parallel.py,
 model/tokenformer.py), the weights format and checkpoint reader (weights.py, checkpoint.py), DeepSpeed's
-universal-checkpoint patterns, growth and resharding (expand.py, expand_optimizer.py). Kept free of
-megatron-core so that light tools import it quickly.
+universal-checkpoint patterns and per-parameter restore metadata, growth and resharding (expand.py,
+expand_optimizer.py). Kept free of megatron-core so that light tools import it quickly.
 """
 
 from __future__ import annotations
@@ -104,3 +104,18 @@ def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
         "original_vocab_size": vocab_size,
         "padded_vocab_size": vocab_size,
     }
+
+
+def universal_restore_meta(name: str, part_shape: tuple[int, ...], size: int) -> dict[str, Any]:
+    """Which block of a universal checkpoint's full tensor `name` this TP rank loads, in the form DeepSpeed
+    reads from a parameter's `ds_autotp_universal_checkpoint_meta` attribute (checkpoint.mark_universal_restore).
+
+    DeepSpeed 0.19.8's ZeRO-3 universal load cuts a TP shard out of the full tensor only by this metadata
+    (runtime/zero/stage3.py `load_hp_checkpoint_state` -> checkpoint/universal_checkpoint.py
+    `_resolve_autotp_partition`); without it every rank copies the whole tensor into its shard and fails.
+    ZeRO 1/2 read it too and cut the same block (chunk `size` ways along the table's dim).
+    """
+    dim = rule_for(name).dim
+    if dim is None:
+        return {"replicated": True, "partition_dim": None}
+    return {"partition_dim": dim, "logical_shape": full_shape(name, part_shape, size)}

@@ -24,11 +24,12 @@ from tqdm import tqdm
 from tokenformer_dist import checkpoint as ckpt_lib
 from tokenformer_dist import comm
 from tokenformer_dist.allocator import tune_cpu_allocator
+from tokenformer_dist.cadence import startup_line
 from tokenformer_dist.config import Config, ConfigError, compile_on
 from tokenformer_dist.ds_config import deepspeed_config
 from tokenformer_dist.metrics import MetricsWriter, flops_per_token, peak_flops
 from tokenformer_dist.optim import build_optimizer
-from tokenformer_dist.parallel import DistInfo
+from tokenformer_dist.parallel import DistInfo, ranks_per_node
 from tokenformer_dist.preemption import EXIT_PREEMPTED, Preemption
 from tokenformer_dist.schedule import lr_at
 
@@ -59,9 +60,12 @@ class Resume:
 
 
 def find_resume(run_dir: Path, info: DistInfo) -> Resume:
-    tag = ckpt_lib.latest_tag(run_dir)
+    """Collective. Rank 0 reads `latest` and its meta.json, every rank takes that answer and checks it sees the
+    same checkpoint (a node with a stale `latest` would otherwise resume another step)."""
+    tag, meta = comm.decide_on_rank0(lambda: ckpt_lib.latest_checkpoint(run_dir))
     ckpt_dir = ckpt_lib.checkpoints_dir(run_dir) / tag if tag else None
-    meta = ckpt_lib.read_meta(ckpt_dir) if ckpt_dir else None
+    if ckpt_dir and meta:
+        ckpt_lib.require_checkpoint_visible(ckpt_dir, meta)
     if meta and meta["tp"] != info.tp_size:
         raise ConfigError(f"{ckpt_dir}: checkpoint is at tp={meta['tp']}, this run uses tp={info.tp_size}; "
                           f"resume at --tp {meta['tp']}")
@@ -84,6 +88,8 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
                                  device=info.device)
     if init_from and not resume.meta:
         ckpt_lib.load_weights_resharded(model, init_from)  # written at any TP degree: resharded as it loads
+    if resume.universal:
+        ckpt_lib.mark_universal_restore(model, parallel_state.get_tensor_model_parallel_group(), info.tp_size)
     if compile_on(cfg, info.device.type):
         from tokenformer_dist.model.compile import compile_model
 
@@ -102,8 +108,8 @@ def load_resume(engine: Any, resume: Resume, info: DistInfo, loader: Any) -> tup
     """Engine, buffers, RNG and loader state from the checkpoint; returns (step, tokens seen)."""
     meta, ckpt_dir = resume.meta, resume.ckpt_dir
     assert meta is not None and ckpt_dir is not None
-    load_dir = ckpt_lib.ensure_universal(ckpt_dir, info) if resume.universal else ckpt_dir
-    engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    load_dir = ckpt_lib.ensure_universal(ckpt_dir) if resume.universal else ckpt_dir
+    ckpt_lib.load_engine_checkpoint(engine, load_dir, resume.universal)
     ckpt_lib.restore_buffers(engine.module, ckpt_dir, info.tp_rank)
     if meta["world_size"] == info.world_size:
         ckpt_lib.load_rng(ckpt_dir, info.rank)
@@ -179,10 +185,12 @@ class Reporter:
             self.writer.log({"step": step, "first_step_s": seconds})
             self.say(f"first step: {seconds:.1f} s{' (includes torch.compile)' if compiled else ''}")
 
-    def val_record(self, step: int, val: dict[str, float]) -> None:
+    def val_record(self, step: int, val: dict[str, float], dtype: str) -> None:
+        """`dtype`: of the weights validated (the training module's; the evaluate CLI runs the fp32 masters, so
+        its loss differs from a bf16 run's in the low digits)."""
         if self.writer:
-            self.writer.log({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"]})
-            self.say(f"step {step:>7d}  val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}")
+            self.writer.log({"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"], "val_dtype": dtype})
+            self.say(f"step {step:>7d}  val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}  ({dtype} weights)")
 
     def close(self) -> None:
         self.bar.close()
@@ -191,12 +199,23 @@ class Reporter:
 
 
 def _has_val(cfg: Config) -> bool:
+    """Whether the dataset has a val split with at least one window. A split that is listed but cannot be
+    read is an error (DatasetError), not "no validation"."""
     from tokenformer_dist.data import TokenShards
 
-    try:
-        return TokenShards(cfg.data.path, "val").n_windows(cfg.model.seq_len) > 0
-    except (OSError, ValueError, KeyError):
+    if "val" not in TokenShards(cfg.data.path, "train").manifest.get("splits", {}):
         return False
+    return TokenShards(cfg.data.path, "val").n_windows(cfg.model.seq_len) > 0
+
+
+def decide_has_val(cfg: Config) -> bool:
+    """Collective: validation (DP, TP and ZeRO 3 collectives) runs on every rank or on none. Rank 0 decides;
+    if it validates, every rank must be able to read the val split, or all stop with one line."""
+    has_val = comm.decide_on_rank0(lambda: _has_val(cfg))
+    if has_val:
+        comm.require_on_every_rank(lambda: None if _has_val(cfg) else
+                                   f"data.path {cfg.data.path}: no val windows here, but rank 0 validates on them")
+    return has_val
 
 
 def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
@@ -214,7 +233,9 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     run_dir = Path(args.run_dir or Path("runs") / Path(cfg.source).stem)
     bf16 = cfg.parallel.dtype == "bf16" or (cfg.parallel.dtype == "auto" and info.device.type == "cuda")
 
+    ckpt_lib.check_run_dir_shared(run_dir)
     resume = find_resume(run_dir, info)
+    has_val = decide_has_val(cfg)
     engine = build_engine(cfg, info, bf16, resume, args.init_from)
     loader = WindowLoader(cfg.data.path, "train", m.seq_len, t.micro_batch_size, info.dp_rank, info.dp_size,
                           seed=cfg.data.seed)
@@ -223,8 +244,9 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
 
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * info.dp_size * m.seq_len
     report = Reporter(cfg, info, run_dir, step, tokens_per_step)
+    if info.is_main:
+        report.say(startup_line(cfg, info.world_size, ranks_per_node(), info.device))
     preempt = Preemption(t.preempt_check_every)
-    has_val = _has_val(cfg)
     profiler = (StepProfiler(args.profile, run_dir, info.rank, info.device.type == "cuda", report.say)
                 if getattr(args, "profile", None) else None)
 
@@ -250,7 +272,7 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
                 report.first_step(step, t_first, compiled=compile_on(cfg, info.device.type))
             if has_val and (step % t.eval_every == 0 or step == t.steps):
                 report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
-                                                 t.eval_batches))
+                                                 t.eval_batches), "bf16" if bf16 else "fp32")
             if preempt.should_stop(step):
                 save()
                 if info.is_main:
