@@ -58,6 +58,13 @@ CASES = [
          checkpointing=False),
     Case("124m-dp2-mb1-s512", "configs/owt_124m.yaml", tp=1, dp=2, micro_batch=1, zero_stage=1,
          checkpointing=False, overrides=("model.seq_len=512",)),
+    # not fitted on (issue 23): another ZeRO stage, ZeRO 3 with checkpointing, another micro-batch without ZeRO
+    Case("124m-dp2-z2-mb2-s512", "configs/owt_124m.yaml", tp=1, dp=2, micro_batch=2, zero_stage=2,
+         checkpointing=False, overrides=("model.seq_len=512",)),
+    Case("124m-dp2-z3-ckpt-mb2-s512", "configs/owt_124m.yaml", tp=1, dp=2, micro_batch=2, zero_stage=3,
+         checkpointing=True, overrides=("model.seq_len=512",)),
+    Case("124m-tp1-z0-mb4-s512", "configs/owt_124m.yaml", tp=1, dp=1, micro_batch=4, zero_stage=0,
+         checkpointing=False, overrides=("model.seq_len=512",)),
 ]
 
 

@@ -12,7 +12,9 @@ Two counts of one forward + backward of the plain `TokenFormer` (TP 1, micro-bat
 
 Elementwise bytes are what the non-matmul work reads and writes: eager, the tensor inputs and outputs of
 every op that is neither a matmul/attention nor a view; compiled, Inductor's own count of the buffers each
-generated (fused) kernel reads and writes (`GraphLowering.count_bytes`), times how often its graph ran.
+generated (fused) kernel reads and writes (`GraphLowering.count_bytes`), times how often its graph ran, plus
+the few ops outside the compiled regions (the embedding, the tied weight's two gradients summed) from their
+recorded input shapes (`_event_bytes`).
 
 The counts are of the model's forward and backward only (not the optimizer step, not DeepSpeed's hooks).
 bench/bench_step_kernels.py prints them; the planner (plan.py) charges host time per launched op from them.

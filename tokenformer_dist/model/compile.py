@@ -74,10 +74,6 @@ def keep_hooks_eager(model: torch.nn.Module) -> None:
                     hooks[key] = eager
 
 
-def is_compiled(model: torch.nn.Module) -> bool:
-    return any(getattr(block, "_compiled_call_impl", None) is not None for block in model.blocks)
-
-
 @contextlib.contextmanager
 def compile_errors(setting: str) -> Iterator[None]:
     """Turn a torch.compile failure inside the block into a one-line CompileError naming `setting`."""
