@@ -17,6 +17,7 @@ that were touched (a `torch.empty` bucket that is never filled is absent) plus g
 not the quantity the planner predicts.
 
     nice -n 10 .venv/bin/python bench/bench_plan.py [--cases NAME ...] [--steps 3]
+    .venv/bin/python bench/bench_plan.py --tables | --one-gpu     # the planner's tables (no training)
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=[c.name for c in CASES], choices=[c.name for c in CASES])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--one-gpu", action="store_true",
+                    help="only the planner's owt_124m/354m predictions for one H200, eager and compiled "
+                         "(docs/performance.md §8), against the one GPU measurement")
     ap.add_argument("--tables", action="store_true",
                     help="print the planner's tables for docs/performance.md (1, 2, 8 nodes of 8 H100) and exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -190,6 +194,9 @@ def main() -> None:
         return
     if args.tables:
         tables()
+        return
+    if args.one_gpu:
+        one_gpu()
         return
     print("Peak memory per rank, GB (1e9 B). measured = peak bytes live in torch's CPU allocator (torch.profiler "
           "memory tracking, from before the model is built); predicted = tokenformer_dist.plan.memory for the "
@@ -212,6 +219,24 @@ def main() -> None:
             print(f"{name:>20} {r['rank']:>4} {cells} {pred['peak'] / GB:>9.3f} {meas['all'] / GB:>9.3f} "
                   f"{err:>+7.1%} {r['rss_peak'] / GB:>6.2f}", flush=True)
     print(f"largest |predicted/measured - 1|: {worst:.1%} (goal <= 15%)")
+
+
+def one_gpu() -> None:
+    """docs/performance.md §8: what the planner predicts for one H200 (TP 1, micro-batch 8), eager with host
+    and device in series (what the one GPU measurement ran: 78,027 tokens/s), eager overlapped, compiled."""
+    from tokenformer_dist.config import load_config
+    from tokenformer_dist.plan import plan
+
+    print("step                                tokens/s    MFU   host_s  matmul_s  elementwise_s")
+    for stage, compiled, serial in (("124m", False, True), ("124m", False, False), ("124m", True, False),
+                                    ("354m", True, False)):
+        cfg = load_config(REPO / f"configs/owt_{stage}.yaml")
+        e = plan(cfg, 1, 1, "h200", tp=1, micro_batch=8, zero_stage=1, checkpointing=False, compile=compiled,
+                 host_serial=serial)[0]
+        name = f"owt_{stage} {'compiled' if compiled else 'eager'}{', in series' if serial else ''}"
+        print(f"{name:<34} {e.tokens_per_s:>10,.0f} {e.mfu:>6.1%} {e.host_s:>8.4f} {e.matmul_s:>9.4f} "
+              f"{e.elementwise_s:>14.4f}")
+    print("measured (docs/performance.md §7): owt_124m eager, in series, 78,027 tokens/s, MFU 6.7%")
 
 
 def tables() -> None:
