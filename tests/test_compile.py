@@ -22,6 +22,7 @@ import torch
 
 from tests.dist import REPO
 from tests.dist_scripts.train_helpers import MULTI, env, launch_runs, losses, metrics, train_argv
+from tests.test_lean_pattention import saved_bytes
 from tokenformer_dist import checkpoint as ckpt_lib
 from tokenformer_dist.config import ModelConfig
 
@@ -147,20 +148,6 @@ def test_compile_failure_is_one_line(sample_data, tmp_path):
 
 
 # ---- the compiled Pattention's memory and numerics, in process ---------------------------------------------
-def _saved_bytes(fn, x, params) -> int:
-    skip = {p.untyped_storage().data_ptr() for p in params} | {x.untyped_storage().data_ptr()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_lean_pattention_keeps_one_tensor_and_matches(dtype):
     """Compiled, the lean Pattention keeps only A = X·Kᵀ ([tokens, n]) and the [tokens, 1] row sums for
@@ -176,7 +163,7 @@ def test_compiled_lean_pattention_keeps_one_tensor_and_matches(dtype):
     x = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
     compiled = torch.compile(lambda t: pattention(t, keys, values, tau), dynamic=False)
     compiled(x).sum().backward()  # compiles
-    kept = _saved_bytes(compiled, x, (keys, values))
+    _, kept = saved_bytes(lambda t, *_: compiled(t), x, keys, values, "l2_norm_gelu")  # x and K, V excluded
     assert kept <= 1.1 * tokens * n * x.element_size(), (kept, tokens * n * x.element_size())
 
     grad = torch.randn(tokens, d, dtype=dtype)

@@ -20,11 +20,9 @@ assumptions about the cluster's filesystem, not measurements (pass --write-gbps 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 
@@ -137,14 +135,10 @@ def startup_line(cfg: Config, world_size: int, ranks_per_node: int | None, devic
             f"{c.save_every_for_share})")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    from tokenformer_dist.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True, help="ranks per node (0: CPU, see --ranks)")

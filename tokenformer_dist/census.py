@@ -112,16 +112,9 @@ class _OpCounter(TorchDispatchMode):
 def _model(m: ModelConfig, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from tokenformer_dist.model.tokenformer import TokenFormer
 
-    with torch.device(device):
-        model = TokenFormer(m, init_weights=False)
-    model = model.to(dtype)
-    if device != "meta":
-        with torch.no_grad():
-            model.init_weights(seed=1)
-            for mod in model.modules():
-                if hasattr(mod, "reset_constants"):
-                    mod.reset_constants()
-    return model.train()
+    with torch.device(device):  # on the meta device: shapes only, so no init to draw
+        model = TokenFormer(m, seed=1, init_weights=device != "meta")
+    return model.to(dtype).train()
 
 
 def _batch(m: ModelConfig, micro_batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

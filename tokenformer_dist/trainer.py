@@ -90,16 +90,15 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
         ckpt_lib.load_weights_resharded(model, init_from)  # written at any TP degree: resharded as it loads
     if resume.universal:
         ckpt_lib.mark_universal_restore(model, parallel_state.get_tensor_model_parallel_group(), info.tp_size)
-    if compile_on(cfg, info.device.type):
-        from tokenformer_dist.model.compile import compile_model
+    compiled = compile_on(cfg, info.device.type)
+    if compiled:
+        from tokenformer_dist.model.compile import compile_model, keep_hooks_eager
 
         compile_model(model, cfg.train.compile_mode, cfg.train.compile_backend)  # lazily: the first step compiles
     optimizer = build_optimizer(model, cfg, fused=on_gpu)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
                                       config=deepspeed_config(cfg, info.dp_size, bf16, resume.universal, on_gpu))
-    if compile_on(cfg, info.device.type):
-        from tokenformer_dist.model.compile import keep_hooks_eager
-
+    if compiled:
         keep_hooks_eager(engine.module)  # ZeRO 3's per-module hooks
     return engine
 
@@ -232,6 +231,7 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
         tune_cpu_allocator()
     run_dir = Path(args.run_dir or Path("runs") / Path(cfg.source).stem)
     bf16 = cfg.parallel.dtype == "bf16" or (cfg.parallel.dtype == "auto" and info.device.type == "cuda")
+    dtype = "bf16" if bf16 else "fp32"  # of the weights the module trains and validates with
 
     ckpt_lib.check_run_dir_shared(run_dir)
     resume = find_resume(run_dir, info)
@@ -253,7 +253,7 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     def save() -> None:
         ckpt_lib.save_checkpoint(engine, run_dir, step, cfg, info,
                                  {"tokens": tokens_seen, "loader": batches.state_dict(),
-                                  "dtype": "bf16" if bf16 else "fp32"}, t.keep_last)
+                                  "dtype": dtype}, t.keep_last)
 
     exit_code = 0
     try:
@@ -272,7 +272,7 @@ def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
                 report.first_step(step, t_first, compiled=compile_on(cfg, info.device.type))
             if has_val and (step % t.eval_every == 0 or step == t.steps):
                 report.val_record(step, evaluate(engine.module, cfg.data.path, m.seq_len, t.micro_batch_size,
-                                                 t.eval_batches), "bf16" if bf16 else "fp32")
+                                                 t.eval_batches), dtype)
             if preempt.should_stop(step):
                 save()
                 if info.is_main:
