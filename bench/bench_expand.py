@@ -45,10 +45,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    from tokenformer_dist.checkpoint.weights import write_sharded_weights
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.expand import expand_checkpoint
+    from tokenformer_dist.growth.expand import expand_checkpoint
     from tokenformer_dist.model import TokenFormer
-    from tokenformer_dist.weights import write_sharded_weights
 
     work = Path(tempfile.mkdtemp(prefix="bench_expand_", dir=args.workdir))
     try:
@@ -87,7 +87,7 @@ def main() -> None:
                     out_size = du(out)
                 shutil.rmtree(out)
                 subprocess.run(["sync"], check=True)
-        t_import = statistics.median(timed([py, "-c", "import tokenformer_dist.expand"]) for _ in range(3))
+        t_import = statistics.median(timed([py, "-c", "import tokenformer_dist.growth.expand"]) for _ in range(3))
         med = {k: statistics.median(v) for k, v in times.items()}
         grow_desc = f"{Path(args.config).stem}→{Path(args.target).stem}, TP2→TP{args.tp}"
         print(f"cp -r                   {med['cp -r']:7.2f} s   ({size / 1e6:.0f} MB)")

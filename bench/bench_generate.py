@@ -18,7 +18,7 @@ import time
 import torch
 
 from tokenformer_dist.config import ModelConfig
-from tokenformer_dist.generate import generate_ids
+from tokenformer_dist.inference.generate import generate_ids
 from tokenformer_dist.model.tokenformer import TokenFormer
 
 

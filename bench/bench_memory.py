@@ -25,7 +25,7 @@ import torch
 from pattention_variants import make_variants, saved_bytes
 from tqdm import tqdm
 
-from tokenformer_dist.net import free_port
+from tokenformer_dist.distributed.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")

@@ -2,8 +2,8 @@
 
 For each case (config, TP, DP, micro-batch, ZeRO stage, activation checkpointing; fp32) this script launches
 real gloo processes under torchrun, builds the real TokenFormer and the real DeepSpeed engine exactly as the
-trainer does (`parallelize`, `ds_config.deepspeed_config`, `optim.build_optimizer`), and runs three optimizer steps on
-random tokens (the first allocates AdamW's state; the later ones are the steady state).
+trainer does (`parallelize`, `deepspeed_config.deepspeed_config`, `optim.build_optimizer`), and runs three
+optimizer steps on random tokens (the first allocates AdamW's state; the later ones are the steady state).
 
 What "measured" is: the peak of bytes live in torch's CPU allocator, from torch.profiler's memory tracking
 (`profile_memory=True`), which records every c10 CPU allocation and free (see `_allocation_peaks` for the
@@ -120,12 +120,12 @@ def worker(case: Case, steps: int) -> None:
     from megatron.core import parallel_state
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from tokenformer_dist.allocator import tune_cpu_allocator
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.ds_config import deepspeed_config
+    from tokenformer_dist.distributed.deepspeed_config import deepspeed_config
+    from tokenformer_dist.distributed.launch import DeepSpeedMPU, destroy_distributed, init_distributed
     from tokenformer_dist.model import TokenFormer, parallelize
-    from tokenformer_dist.optim import build_optimizer
-    from tokenformer_dist.parallel import DeepSpeedMPU, destroy_distributed, init_distributed
+    from tokenformer_dist.training.allocator import tune_cpu_allocator
+    from tokenformer_dist.training.optim import build_optimizer
 
     overrides = [*case.overrides, f"parallel.zero_stage={case.zero_stage}",
                  f"parallel.activation_checkpointing={str(case.checkpointing).lower()}",
@@ -148,7 +148,7 @@ def worker(case: Case, steps: int) -> None:
             optimizer = build_optimizer(model, cfg, fused=False)
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU,
                                               config=deepspeed_config(cfg, info.dp_size, False, False, on_gpu=False))
-        for i, batch in enumerate(batches):  # the calls of tokenformer_dist.train.train_step, labelled
+        for i, batch in enumerate(batches):  # the calls of tokenformer_dist.training.trainer.train_step, labelled
             with record_function(f"phase:fwd{i}"):
                 loss = engine(batch[:, :-1], batch[:, 1:])
             with record_function(f"phase:bwd{i}"):
@@ -199,7 +199,7 @@ def main() -> None:
         one_gpu()
         return
     print("Peak memory per rank, GB (1e9 B). measured = peak bytes live in torch's CPU allocator (torch.profiler "
-          "memory tracking, from before the model is built); predicted = tokenformer_dist.plan.memory for the "
+          "memory tracking, from before the model is built); predicted = tokenformer_dist.planning.plan.memory for the "
           "'cpu' kind (fp32). Phases: max over the steps. RSS = peak RSS minus RSS before the model (reference).")
     header = (f"{'case':>20} {'rank':>4} {'fwd pred/meas':>14} {'bwd pred/meas':>14} {'opt pred/meas':>14} "
               f"{'peak pred':>9} {'peak meas':>9} {'error':>7} {'RSS':>6}")
@@ -225,7 +225,7 @@ def one_gpu() -> None:
     """docs/performance.md §8: what the planner predicts for one H200 (TP 1, micro-batch 8), eager with host
     and device in series (what the one GPU measurement ran: 78,027 tokens/s), eager overlapped, compiled."""
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.plan import plan
+    from tokenformer_dist.planning.plan import plan
 
     print("step                                tokens/s    MFU   host_s  matmul_s  elementwise_s")
     for stage, compiled, serial in (("124m", False, True), ("124m", False, False), ("124m", True, False),
@@ -244,7 +244,7 @@ def tables() -> None:
     batch (fewer nodes: train.grad_accum_steps scaled up so the global batch stays), for the compiled step
     (train.compile: auto, what a GPU runs) and, last column, the eager one; then the 1.4B table at 8 nodes."""
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.plan import HEADER, format_row, plan
+    from tokenformer_dist.planning.plan import HEADER, format_row, plan
 
     print("stage nodes  tp   dp zero micro ga ckpt   GB/GPU   step_s    tokens/s   MFU  matmul_s elem_s host_s "
           "tp_s  dp_s   | eager: pick MFU")
@@ -268,7 +268,7 @@ def tables() -> None:
 
 def predict(case: Case) -> dict:
     from tokenformer_dist.config import load_config
-    from tokenformer_dist.plan import HARDWARE, Layout, memory, zero_settings
+    from tokenformer_dist.planning.plan import HARDWARE, Layout, memory, zero_settings
 
     cfg = load_config(REPO / case.config, list(case.overrides), case.tp)
     hw = HARDWARE["cpu"]

@@ -11,8 +11,8 @@ import argparse
 import math
 from pathlib import Path
 
-from tokenformer_dist import cadence
 from tokenformer_dist.config import load_config, param_count
+from tokenformer_dist.planning import cadence
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("owt_124m", "owt_354m", "owt_757m", "owt_1p4b")

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_step_kernels.py [--config configs/owt_124m.yaml] [--micro-batch 8]
         [--dtype bf16|fp32] [--eager-device cpu|meta]
 
-eager     aten ops the plain TokenFormer dispatches (tokenformer_dist.census.eager_census: each costs host time
+eager     aten ops the plain TokenFormer dispatches (tokenformer_dist.planning.census.eager_census: each costs host time
           on a GPU, where eager owt_124m is host-bound); also how many of them are not views
 compiled  kernels the regionally compiled model launches (census.compiled_census: Inductor's generated
           kernels and extern calls, measured by running it under torch.profiler with per-kernel records,
@@ -27,8 +27,8 @@ from dataclasses import replace
 
 import torch
 
-from tokenformer_dist.census import compiled_census, eager_census
 from tokenformer_dist.config import load_config
+from tokenformer_dist.planning.census import compiled_census, eager_census
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from tokenformer_dist.net import free_port
-from tokenformer_dist.plan import tp_layer_comm_bytes
+from tokenformer_dist.distributed.net import free_port
+from tokenformer_dist.planning.plan import tp_layer_comm_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 D, HEADS, QKV, PROJ, FFN = 768, 12, 576, 576, 2304
@@ -93,7 +93,7 @@ def install_counters() -> None:
 
 # ---- the analytic minimum (docs/tensor_parallel.md §3; the planner uses the same function) ------------
 def analytic_bytes(tp: int, tokens: int, norm: str) -> dict[str, float]:
-    """Per layer, per rank, fp32: tokenformer_dist.plan.tp_layer_comm_bytes, which this script verifies."""
+    """Per layer, per rank, fp32: tokenformer_dist.planning.plan.tp_layer_comm_bytes, which this script verifies."""
     return tp_layer_comm_bytes(D, tp, tokens, norm, elem_bytes=4)
 
 
@@ -134,9 +134,9 @@ def worker(tokens: int) -> None:
     from megatron.core import parallel_state
 
     from tokenformer_dist.config import ModelConfig
+    from tokenformer_dist.distributed.launch import destroy_distributed, init_distributed
     from tokenformer_dist.model import parallelize
     from tokenformer_dist.model.tokenformer import TokenFormerBlock
-    from tokenformer_dist.parallel import destroy_distributed, init_distributed
 
     info = init_distributed(int(os.environ["WORLD_SIZE"]))
     install_counters()

@@ -167,12 +167,12 @@ def main() -> None:
     import deepspeed
     from megatron.core import parallel_state
 
-    from tokenformer_dist.allocator import tune_cpu_allocator
-    from tokenformer_dist.ds_config import deepspeed_config
+    from tokenformer_dist.distributed.deepspeed_config import deepspeed_config
+    from tokenformer_dist.distributed.launch import DeepSpeedMPU, init_distributed
     from tokenformer_dist.model import TokenFormer, parallelize
-    from tokenformer_dist.optim import build_optimizer
-    from tokenformer_dist.parallel import DeepSpeedMPU, init_distributed
-    from tokenformer_dist.trainer import train_step
+    from tokenformer_dist.training.allocator import tune_cpu_allocator
+    from tokenformer_dist.training.optim import build_optimizer
+    from tokenformer_dist.training.trainer import train_step
 
     os.environ.setdefault("MASTER_PORT", "29561")
     init_distributed(1)

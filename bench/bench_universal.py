@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--keep", default=None, help="work in this directory and keep it (default: a temp dir)")
     args = parser.parse_args()
 
-    from tokenformer_dist import checkpoint as ckpt_lib
+    from tokenformer_dist.checkpoint import engine as ckpt_lib
     from tokenformer_dist.config import load_config, param_count
     from tokenformer_dist.data import write_synthetic_dataset
 
@@ -81,7 +81,7 @@ def main() -> int:
 
 
 def _free_port() -> int:
-    from tokenformer_dist.net import free_port
+    from tokenformer_dist.distributed.net import free_port
 
     return free_port()
 

@@ -65,8 +65,8 @@ first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 # the address Slurm itself reaches that node at (NodeAddr; it is the node name unless slurm.conf says otherwise)
 MASTER_ADDR="$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)"
 MASTER_ADDR="${MASTER_ADDR:-$first_node}"
-# one rule for the port, below the kernel's ephemeral range (tokenformer_dist/net.py: job_port)
-MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import sys; from tokenformer_dist.net import job_port
+# one rule for the port, below the kernel's ephemeral range (tokenformer_dist/distributed/net.py: job_port)
+MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import sys; from tokenformer_dist.distributed.net import job_port
 print(job_port(int(sys.argv[1])))' "$SLURM_JOB_ID")}"
 export MASTER_ADDR MASTER_PORT
 # a RANK/WORLD_SIZE inherited from the submitting shell would override SLURM_PROCID in the trainer
@@ -100,12 +100,12 @@ train+=("$@")
 srun_args=(--nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --ntasks="$WORLD" --cpus-per-task="$CPUS_PER_TASK"
   --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}")
 # GPUs: no per-task binding, so every task of a node sees the step's GPUs of that node (CUDA_VISIBLE_DEVICES
-# 0..G-1) and picks cuda:LOCAL_RANK (parallel.local_device); NCCL then sees its peers for NVLink P2P. Not
+# 0..G-1) and picks cuda:LOCAL_RANK (launch.local_device); NCCL then sees its peers for NVLink P2P. Not
 # --gpu-bind=none: Slurm 22.05 then sets no CUDA_VISIBLE_DEVICES at all. Per-task binding (a site default)
 # works too: each task sees its own GPU as cuda:0. Both: tests/test_slurm.py::test_every_rank_gets_its_own_gpu
 ((GPUS_PER_NODE == 0)) || srun_args+=(--gpus-per-node="$GPUS_PER_NODE")
 
-# --- time-limit warning: its lead covers what a stop costs this config (cadence.py, SIGNAL_LEAD overrides) --
+# --- time-limit warning: its lead covers what a stop costs this config (planning/cadence.py, SIGNAL_LEAD overrides) --
 if [[ -z "${SIGNAL_LEAD:-}" ]]; then
   lead_args=(--config "$CONFIG" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --ranks-per-node "$TASKS_PER_NODE")
   SIGNAL_LEAD="$("$PYTHON" -m tokenformer_dist.cadence "${lead_args[@]}" --lead-seconds)" ||

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenformer_dist.net import free_port
+from tokenformer_dist.distributed.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # the repo first, then whatever the caller had (bench/gpu_acceptance.sh puts its wheels there)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tests.ci import unavailable
-from tokenformer_dist.net import free_port
+from tokenformer_dist.distributed.net import free_port
 
 MUNGE_SOCKET_DIR = Path("/run/munge")
 REQUIRED = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")

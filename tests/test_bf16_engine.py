@@ -14,13 +14,15 @@ import pytest
 
 from tests.dist import DIST_SCRIPTS, torchrun
 
-# What tokenformer_dist/ds_config.py asks DeepSpeed for in bf16 (default parallel.grad_reduce_dtype fp32), per
-# ZeRO stage: DeepSpeed's optimizer class and the dtype gradients accumulate in. When ds_config.py changes
+# What tokenformer_dist/distributed/deepspeed_config.py asks DeepSpeed for in bf16 (default
+# parallel.grad_reduce_dtype fp32), per ZeRO stage: DeepSpeed's optimizer class and the dtype gradients
+# accumulate in. When deepspeed_config.py changes
 # what a stage uses, change its line here (and only here).
 EXPECTED = {
     0: ("FP16_UnfusedOptimizer", "torch.bfloat16"),  # no ZeRO: DeepSpeed refuses bf16 params + fp32 accumulation
     # one micro-batch per step (grad_accum_steps 1): no grad_accum_dtype, so the ZeRO optimizer — bf16 gradients
-    # reduced in fp32 from its hooks; with accumulation ds_config.py sets fp32 and DeepSpeed takes BF16_Optimizer
+    # reduced in fp32 from its hooks; with accumulation distributed/deepspeed_config.py sets fp32 and DeepSpeed
+    # takes BF16_Optimizer
     1: ("DeepSpeedZeroOptimizer", "torch.bfloat16"),
     2: ("DeepSpeedZeroOptimizer", "torch.bfloat16"),  # stage 2 keeps its gradient partition in the param dtype
     3: ("DeepSpeedZeroOptimizer_Stage3", "torch.float32"),  # fp32 gradient partitions

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenformer_dist.checkpoint import iter_full_weights, read_config, resolve_checkpoint
+from tokenformer_dist.checkpoint.engine import iter_full_weights, read_config, resolve_checkpoint
+from tokenformer_dist.checkpoint.weights import write_sharded_weights
 from tokenformer_dist.config import load_config
-from tokenformer_dist.sharding import is_tp_sharded
-from tokenformer_dist.weights import write_sharded_weights
+from tokenformer_dist.distributed.sharding import is_tp_sharded
 
 
 def test_tp_sharded_rule():
@@ -51,7 +51,7 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path):
 def test_load_weights_resharded_reads_any_tp_on_one_device(tmp_path):
     """A TP-4 weights dir loaded into a one-device model through the one reader: every tensor exactly (tau
     included); a model of another shape, or a truncated rank file, is a one-line error naming the file."""
-    from tokenformer_dist.checkpoint import load_weights_resharded
+    from tokenformer_dist.checkpoint.engine import load_weights_resharded
     from tokenformer_dist.model.tokenformer import TokenFormer
 
     small = ["model.vocab_size=64", "model.d_model=16", "model.n_heads=2", "model.n_layers=2", "model.seq_len=16",

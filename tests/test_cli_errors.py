@@ -193,9 +193,9 @@ if __name__ == "__main__":  # python tests/test_cli_errors.py ENTRY CASES.json R
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """A TP-2 weights dir of the tiny model (its data.path leads nowhere: no tokenizer), the same with a truncated
     rank file, a run directory with no complete checkpoint, an empty directory, a plain file, a bad .model."""
+    from tokenformer_dist.checkpoint.weights import rank_file, write_sharded_weights
     from tokenformer_dist.config import load_config
     from tokenformer_dist.model.tokenformer import TokenFormer
-    from tokenformer_dist.weights import rank_file, write_sharded_weights
 
     root = tmp_path_factory.mktemp("cli_inputs")
     cfg = load_config(TINY, ["data.path=" + str(root / "no_dataset")])

@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 from tests.dist import REPO
 from tests.dist_scripts.train_helpers import MULTI, env, launch_runs, losses, train_argv
-from tokenformer_dist import cadence, comm
 from tokenformer_dist.config import load_config
-from tokenformer_dist.net import free_port, job_port
-from tokenformer_dist.parallel import GPU_ENV_VARS, destroy_distributed, init_distributed
+from tokenformer_dist.distributed import comm
+from tokenformer_dist.distributed.launch import GPU_ENV_VARS, destroy_distributed, init_distributed
+from tokenformer_dist.distributed.net import free_port, job_port
+from tokenformer_dist.planning import cadence
 
 STEPS = 6
 # constant LR: the run stopped at step 4 (--steps 4) follows the reference's schedule

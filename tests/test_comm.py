@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_scripts.train_helpers import TINY
-from tokenformer_dist import comm
 from tokenformer_dist.data import DatasetError, check_vocab
-from tokenformer_dist.parallel import GPU_ENV_VARS, LaunchError, check_gpu_environment
+from tokenformer_dist.distributed import comm
+from tokenformer_dist.distributed.launch import GPU_ENV_VARS, LaunchError, check_gpu_environment
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tokenformer_dist"
 COLLECTIVES = {
@@ -23,10 +23,10 @@ COLLECTIVES = {
     "_reduce_scatter_base", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier", "send", "recv",
     "isend", "irecv", "batch_isend_irecv",
 }
-# The only files allowed to call torch.distributed collectives besides comm.py: the model's named autograd
+# The only files allowed to call torch.distributed collectives besides distributed/comm.py: the model's named autograd
 # collectives -- Pattention's normalizer all-reduces (mappings.py, lean.py) and the vocab-parallel cross
 # entropy on an explicit group (tensor_parallel.py). megatron-core's own mappings live in megatron.
-ALLOWED = {"comm.py", "model/mappings.py", "model/lean.py", "model/tensor_parallel.py"}
+ALLOWED = {"distributed/comm.py", "model/mappings.py", "model/lean.py", "model/tensor_parallel.py"}
 
 
 def _collective_calls(path: Path) -> list[str]:
@@ -52,8 +52,8 @@ def test_collectives_only_in_comm_module():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 10
     bad = [hit for f in files if str(f.relative_to(PACKAGE)) not in ALLOWED for hit in _collective_calls(f)]
-    assert not bad, f"torch.distributed collectives outside tokenformer_dist/comm.py: {bad}"
-    assert _collective_calls(PACKAGE / "comm.py")  # the scanner does see calls
+    assert not bad, f"torch.distributed collectives outside tokenformer_dist/distributed/comm.py: {bad}"
+    assert _collective_calls(PACKAGE / "distributed/comm.py")  # the scanner does see calls
 
 
 def test_comm_functions_return_on_the_compute_device_without_a_group():
@@ -64,8 +64,8 @@ def test_comm_functions_return_on_the_compute_device_without_a_group():
     comm.barrier()
 
 
-# every public function of comm.py that takes a tensor (or a flag), with a call of it; the device getters and
-# barrier (no tensor) aside. A new collective in comm.py must be added here.
+# every public function of distributed/comm.py that takes a tensor (or a flag), with a call of it; the device
+# getters and barrier (no tensor) aside. A new collective in distributed/comm.py must be added here.
 TENSOR_FUNCTIONS = {
     "all_reduce_sum": lambda: comm.all_reduce_sum(torch.ones(3)),
     "all_reduce_max": lambda: comm.all_reduce_max(torch.ones(3)),
@@ -133,7 +133,7 @@ def test_vocab_check():
 def test_trainer_cli_refuses_fake_slurm_gpus_and_a_too_small_vocab(sample_data, tmp_path, monkeypatch, capsys):
     """The real entry point (train.main, in this process: both checks fire before any process group or model
     exists) on this CPU machine: exit 2 with one line naming the cause."""
-    from tokenformer_dist.train import main
+    from tokenformer_dist.training.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")

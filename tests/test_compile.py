@@ -23,7 +23,7 @@ import torch
 from tests.dist import REPO
 from tests.dist_scripts.train_helpers import MULTI, env, launch_runs, losses, metrics, train_argv
 from tests.test_lean_pattention import saved_bytes
-from tokenformer_dist import checkpoint as ckpt_lib
+from tokenformer_dist.checkpoint import engine as ckpt_lib
 from tokenformer_dist.config import ModelConfig
 
 STEPS = 20
@@ -204,7 +204,7 @@ def test_step_profiler_summary(tmp_path):
     several streams counted once), and a CPU profile of real steps names the operators that took the time."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from tokenformer_dist.profiling import busy_fraction, format_summary, summarize
+    from tokenformer_dist.training.profiling import busy_fraction, format_summary, summarize
 
     assert busy_fraction([(0, 10), (5, 20), (30, 40)], 0, 50) == pytest.approx(0.6)
     assert busy_fraction([(-5, 5), (45, 60)], 0, 50) == pytest.approx(0.2)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.dist import DIST_SCRIPTS, REPO, torchrun
 from tests.dist_scripts.train_helpers import launch_runs, losses, train_argv
-from tokenformer_dist.expand_cli import main as expand_main
+from tokenformer_dist.growth.cli import main as expand_main
 
 GROWN = {"qkv": 96, "proj": 80, "ffn": 384}  # tiny.yaml has 64 / 64 / 256
 CASES = [  # name, source run, target TP, target counts (None: pure reshard), init

@@ -108,9 +108,9 @@ def _expand(run, out, *extra: str) -> None:
 
 
 def _logits(ckpt, dtype: torch.dtype) -> torch.Tensor:
-    from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
+    from tokenformer_dist.checkpoint.engine import read_config, resolve_checkpoint
+    from tokenformer_dist.checkpoint.weights import load_weights
     from tokenformer_dist.model import TokenFormer
-    from tokenformer_dist.weights import load_weights
 
     cfg = read_config(ckpt)
     model = TokenFormer(cfg.model, init_weights=False)
@@ -127,7 +127,7 @@ def test_gpu_evaluate_and_expand_by_logits(gruns, gdata):
     random new keys) does not — the control that this check can fail."""
     torch.backends.cuda.matmul.allow_tf32 = False
     run = gruns / "fp32_whole"
-    from tokenformer_dist.checkpoint import read_config
+    from tokenformer_dist.checkpoint.engine import read_config
 
     val = [r for r in metrics(run) if "val_loss" in r][-1]["val_loss"]
     base = _evaluate(run, gdata, read_config(run).train.eval_batches)

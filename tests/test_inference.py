@@ -1,5 +1,5 @@
-"""The TP degree evaluation and generation run at (tokenformer_dist/inference.py), without processes: the launch's
-world size and the checkpoint's TP decide it; a --tp the launch or the model cannot take is a one-line error.
+"""The TP degree evaluation and generation run at (tokenformer_dist/inference/launch.py), without processes: the
+launch's world size and the checkpoint's TP decide it; a --tp the launch or the model cannot take is a one-line error.
 The end-to-end checks (TP 1 from TP-2 checkpoints, resharding under torchrun) are in tests/test_train.py and
 tests/test_use_model.py."""
 
@@ -7,7 +7,7 @@ import pytest
 
 from tests.dist import REPO
 from tokenformer_dist.config import load_config
-from tokenformer_dist.inference import choose_tp, launch_world_size
+from tokenformer_dist.inference.launch import choose_tp, launch_world_size
 
 TINY = load_config(REPO / "configs" / "tiny.yaml")  # token counts 64 / 64 / 256, vocabulary 8192
 

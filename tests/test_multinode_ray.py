@@ -27,7 +27,7 @@ from data_prep.build import main
 from tests.ci import unavailable
 from tests.data_fixtures import dataset_files, make_docs, write_jsonl
 from tests.dist import REPO, REPO_PYTHONPATH
-from tokenformer_dist.net import free_port
+from tokenformer_dist.distributed.net import free_port
 
 RAY = Path(os.path.dirname(sys.executable)) / "ray"
 VOCAB = 400

@@ -20,8 +20,8 @@ from megatron.core.parallel_state import RankGenerator
 
 from tests.dist import REPO
 from tests.dist_scripts.train_helpers import env, launch_runs, losses, train_argv, wait_for_step, worker_pids
-from tokenformer_dist.net import free_port
-from tokenformer_dist.parallel import check_tp_within_node
+from tokenformer_dist.distributed.launch import check_tp_within_node
+from tokenformer_dist.distributed.net import free_port
 
 STEPS = 40  # enough steps after the kill point that a loaded machine cannot finish before the kill
 SETS = {"train.save_every": 5, "train.keep_last": 2, "train.grad_clip": 0.05}
@@ -144,7 +144,7 @@ def test_tp_larger_than_a_node_is_refused_with_one_line(sample_data: Path, tmp_p
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """The trainer's own start-up (init_distributed) as rank 0 of 2 torchrun nodes x 2: TP 4 is refused
     before any process group is created; and a rank that is not where node-by-node placement puts it."""
-    from tokenformer_dist.train import main
+    from tokenformer_dist.training.cli import main
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")

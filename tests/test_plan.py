@@ -1,4 +1,4 @@
-"""The layout planner (tokenformer_dist/plan.py, tools/plan.py): memory terms against hand-computed values,
+"""The layout planner (tokenformer_dist/planning/plan.py, tools/plan.py): memory terms against hand-computed values,
 ZeRO partitioning, fit / no-fit reasons, fixed flags, and the CLI contract (last line JSON, exit 2)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tokenformer_dist.config import Config, ModelConfig, load_config, param_count
-from tokenformer_dist.plan import (
+from tokenformer_dist.planning.plan import (
     HARDWARE,
     JSON_KEYS,
     Layout,
@@ -130,7 +130,7 @@ def test_cli_bad_config_exit_2(tmp_path, capsys):
 
 
 def test_cli_last_line_is_the_pick_as_json(capsys):
-    # tools/plan.py is `sys.exit(tokenformer_dist.plan.main())`; in-process saves a torch import (~2-15 s)
+    # tools/plan.py is `sys.exit(tokenformer_dist.planning.plan.main())`; in-process saves a torch import (~2-15 s)
     argv = ["--config", str(REPO / "configs/owt_1p4b.yaml"), "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -199,9 +199,9 @@ def test_planner_reproduces_the_h200_eager_measurement():
     (3, 4, 4, False),  # ZeRO 3 honours it: fp32 gradient partitions
 ])
 def test_gradient_bytes_follow_the_deepspeed_path(zero, accum, grad_bytes, bf16_optimizer):
-    """The planner's gradient dtype per ZeRO stage in bf16 is what DeepSpeed does with the config ds_config.py
-    builds (engine._do_optimizer_sanity_check, stage_1_and_2, stage3); the reduction is fp32 throughout
-    (parallel.grad_reduce_dtype)."""
+    """The planner's gradient dtype per ZeRO stage in bf16 is what DeepSpeed does with the config
+    distributed/deepspeed_config.py builds (engine._do_optimizer_sanity_check, stage_1_and_2, stage3); the
+    reduction is fp32 throughout (parallel.grad_reduce_dtype)."""
     cfg, hw = _cfg("owt_124m.yaml"), HARDWARE["h100"]
     lay = Layout(1, 8, zero, 8, accum, False, True)
     zs = zero_settings(cfg, hw, lay)

@@ -18,7 +18,7 @@ import yaml
 
 from tests.dist import REPO, REPO_PYTHONPATH
 from tokenformer_dist.config import ConfigError, load_config, param_count
-from tokenformer_dist.metrics import flops_per_token
+from tokenformer_dist.model.flops import flops_per_token
 from tokenformer_dist.progressive import accounting as acc
 from tokenformer_dist.progressive.ladder import load_ladder
 from tokenformer_dist.progressive.report import headline

@@ -28,11 +28,11 @@ import yaml
 
 from tests.ci import unavailable
 from tests.slurm_cluster import SlurmCluster
-from tokenformer_dist import cadence
-from tokenformer_dist.checkpoint import resolve_checkpoint
+from tokenformer_dist.checkpoint.engine import resolve_checkpoint
 from tokenformer_dist.config import load_config
-from tokenformer_dist.net import job_port
-from tokenformer_dist.parallel import expand_hostlist
+from tokenformer_dist.distributed.launch import expand_hostlist
+from tokenformer_dist.distributed.net import job_port
+from tokenformer_dist.planning import cadence
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"
@@ -139,11 +139,11 @@ def test_pretrain_script_runs_on_two_nodes_with_two_tasks_each(cluster: SlurmClu
     port = job_port(tiny_run["job"])
     assert f"4 ranks (2 node(s) x 2, GPUs/node 0), rendezvous 127.0.0.1:{port}\n" in log and "--tp 2" in log, log
     assert "1 CPU(s) and 1 OMP thread(s) per rank" in log, log
-    # the time-limit warning, armed with the lead cadence.py derives from the config (2 nodes x 2 CPU ranks)
+    # the time-limit warning, armed with the lead planning/cadence.py derives from the config (2 nodes x 2 CPU ranks)
     lead = math.ceil(cadence.cadence(load_config(REPO / "configs" / "tiny.yaml"), 2, 2, "cpu").lead_s)
     assert re.search(rf"time-limit warning \(SIGUSR1\) in \d+ s, {lead} s before the limit", log), (lead, log)
     # Slurm's own records: each node's slurmd launched the trainer step (srun --ntasks-per-node=2; every
-    # rank checks at start-up that it runs on node rank // 2, see parallel.check_tp_within_node)
+    # rank checks at start-up that it runs on node rank // 2, see launch.check_tp_within_node)
     for node in ("tfd1", "tfd2"):
         assert cluster.launched_step(node, f"{tiny_run['job']}.0"), cluster.log_tail()
     records = _check_finished(tiny_run["run_dir"], STEPS)
@@ -359,7 +359,7 @@ HOSTLISTS = ["node[01-04]", "a[1-2],b3", "gpu-[7-9,10-11]", "rack[1-2]-n[08-10]"
 
 
 def test_hostlist_expansion_matches_scontrol(tmp_path: Path) -> None:
-    """tokenformer_dist.parallel.expand_hostlist (used where scontrol is absent) against Slurm's own
+    """tokenformer_dist.distributed.launch.expand_hostlist (used where scontrol is absent) against Slurm's own
     `scontrol show hostnames`, on the lists users' jobs get (zero padding, several groups, mixed). scontrol
     needs a slurm.conf to read, not a running cluster."""
     if shutil.which("scontrol") is None:
@@ -377,7 +377,7 @@ def test_hostlist_expansion_matches_scontrol(tmp_path: Path) -> None:
 def test_first_slurm_host_without_scontrol(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """On a node without Slurm's client tools the trainer still finds the first host of `node[01-04]`
     (the bug: it used to answer "node")."""
-    from tokenformer_dist.parallel import _first_slurm_host
+    from tokenformer_dist.distributed.launch import _first_slurm_host
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
     monkeypatch.delenv("SLURM_NODELIST", raising=False)

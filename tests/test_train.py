@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +33,8 @@ from tests.dist_scripts.train_helpers import (
     wait_for_step,
     worker_pids,
 )
-from tokenformer_dist import checkpoint as ckpt_lib
-from tokenformer_dist.train import EXIT_PREEMPTED
+from tokenformer_dist.checkpoint import engine as ckpt_lib
+from tokenformer_dist.training.cli import EXIT_PREEMPTED
 
 # below the tiny model's gradient norms, so every step is clipped: a wrong norm changes the losses
 CLIP = 0.05
@@ -177,6 +180,36 @@ def test_resume_at_other_dp_size_via_universal(runs, src, dst, zero, dtype):
     assert (meta["dp"], meta["tokens"], meta["zero_stage"], meta["dtype"]) == (1, 6 * 8 * 64, zero, dtype)
 
 
+def pickled_globals(path: Path) -> set[str]:
+    """`module.name` of every global a torch.save file's pickle would import when loaded."""
+    found = set()
+    with zipfile.ZipFile(path) as z:
+        for member in (n for n in z.namelist() if n.endswith(".pkl")):
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(z.read(member)):
+                if op.name == "GLOBAL":
+                    found.add(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.add(".".join(strings[-2:]))
+                if isinstance(arg, str):
+                    strings.append(arg)
+    return found
+
+
+def test_checkpoints_pickle_nothing_of_this_package(runs, tmp_path):
+    """DeepSpeed's .pt files (model states, ZeRO 1/2/3 partitions fp32 and bf16, universal conversions) name
+    only torch / DeepSpeed / stdlib classes: a checkpoint keeps loading when this package's modules move or
+    rename, and loading one executes nothing of ours."""
+    files = sorted(runs.rglob("*.pt"))
+    assert any("universal" in f.parts for f in files) and any("optim_states" in f.name for f in files)
+    ours = {f"{f.relative_to(runs)}: {g}" for f in files for g in pickled_globals(f)
+            if g.startswith("tokenformer_dist")}
+    assert not ours, sorted(ours)[:5]
+    # the scan sees a pickled object of the package when there is one
+    torch.save({"cfg": ckpt_lib.read_config(runs / "tp2_z1")}, tmp_path / "bad.pt")
+    assert "tokenformer_dist.config.Config" in pickled_globals(tmp_path / "bad.pt")
+
+
 def test_a_failed_universal_conversion_stops_every_rank_with_one_line(runs):
     """Rank 0 converts while the others wait: its error reaches every rank (no rank left in a collective)."""
     errors = json.loads((runs / "damaged_errors.json").read_text())
@@ -273,7 +306,7 @@ def test_evaluate_cli_reshards_under_torchrun(runs, sample_data):
 def test_evaluate_at_tp1_from_tp2_checkpoint(runs, sample_data, zero, capsys, monkeypatch):
     """One plain process (TP 1, no process group) reading the TP2×DP2 checkpoint of each ZeRO stage == the
     trainer's own final validation loss at TP 2."""
-    from tokenformer_dist import evaluate
+    from tokenformer_dist.inference import evaluate
 
     for var in ("WORLD_SIZE", "RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)

@@ -28,10 +28,10 @@ from tests.official_model import (
     write_deepspeed_layout,
     write_neox_yaml,
 )
-from tokenformer_dist import generate
-from tokenformer_dist.checkpoint import iter_full_weights, read_config, resolve_checkpoint
+from tokenformer_dist.checkpoint.engine import iter_full_weights, read_config, resolve_checkpoint
+from tokenformer_dist.checkpoint.weights import write_sharded_weights
+from tokenformer_dist.inference import generate
 from tokenformer_dist.model.tokenformer import TokenFormer
-from tokenformer_dist.weights import write_sharded_weights
 
 PROMPT = "The function returns"
 NEW_TOKENS = 24
@@ -144,7 +144,7 @@ def test_generate_bad_input(runs, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(runs, tmp_path_factory):
-    from tokenformer_dist.hf.export import export_hf
+    from tokenformer_dist.inference.hf.export import export_hf
 
     root = tmp_path_factory.mktemp("hf")
     return {name: export_hf(runs / name, root / name) for name in ("trained", "untrained")}
@@ -154,7 +154,7 @@ def test_export_matches_the_project_model(runs, exported, sample_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenformer_dist.data import TokenShards
-    from tokenformer_dist.evaluate import evaluate
+    from tokenformer_dist.inference.evaluate import evaluate
 
     folder = exported["trained"]
     assert not imported_roots(folder) & {"megatron", "deepspeed", "tokenformer_dist"}  # torch + transformers only
@@ -194,8 +194,8 @@ def test_hf_generate_feeds_the_cache_back():
     """Every step of HF generate() sees the KV cache of the steps before: its per-step logits equal one full
     forward without a cache. (transformers 5.24 renamed `past_key_values` to `cache`; a model that read only the
     old name got a fresh cache each step and went wrong from the second generated token, 2.8 logits off.)"""
-    from tokenformer_dist.hf.configuration_tokenformer import TokenFormerConfig
-    from tokenformer_dist.hf.modeling_tokenformer import TokenFormerForCausalLM
+    from tokenformer_dist.inference.hf.configuration_tokenformer import TokenFormerConfig
+    from tokenformer_dist.inference.hf.modeling_tokenformer import TokenFormerForCausalLM
 
     torch.manual_seed(0)
     cfg = TokenFormerConfig(d_model=32, n_layers=2, n_heads=4, seq_len=64, vocab_size=97, qkv_tokens=8,
@@ -215,7 +215,7 @@ def test_hf_generate_feeds_the_cache_back():
 def test_lm_eval_runs_and_training_helps(exported, sample_data, tmp_path, monkeypatch):
     from lm_eval.__main__ import cli_evaluate
 
-    from tokenformer_dist.hf.lm_eval_task import TASK, write_continuation_task
+    from tokenformer_dist.inference.hf.lm_eval_task import TASK, write_continuation_task
 
     tasks = write_continuation_task(sample_data, tmp_path / "tasks")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -236,7 +236,7 @@ def test_lm_eval_runs_and_training_helps(exported, sample_data, tmp_path, monkey
 
 @pytest.mark.parametrize("layout", ["pytorch_model.bin", "deepspeed"])
 def test_import_official_checkpoint(tmp_path, layout):
-    from tokenformer_dist.official_checkpoint import main as import_main
+    from tokenformer_dist.checkpoint.official import main as import_main
 
     cfg = neox_config(d=64, layers=2, heads=4, qkv=32, proj=32, ffn=128, seq=64)
     state = random_official_state(cfg, vocab=128)
@@ -259,7 +259,7 @@ def test_import_official_checkpoint(tmp_path, layout):
 
 
 def test_import_official_refuses_other_architectures(tmp_path, capsys):
-    from tokenformer_dist.official_checkpoint import main as import_main
+    from tokenformer_dist.checkpoint.official import main as import_main
 
     cfg = {**neox_config(d=64, layers=2, heads=4, qkv=32, proj=32, ffn=128, seq=64), "norm": "layernorm"}
     (tmp_path / "m").mkdir()

@@ -5,7 +5,7 @@
 
 import sys
 
-from tokenformer_dist.expand_cli import main
+from tokenformer_dist.growth.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,12 +4,12 @@
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/tokenformer-124m', \
         trust_remote_code=True)"
 
-What the folder holds: tokenformer_dist/hf/export.py. Needs the [hf] extra (transformers).
+What the folder holds: tokenformer_dist/inference/hf/export.py. Needs the [hf] extra (transformers).
 """
 
 import sys
 
-from tokenformer_dist.hf.export import main
+from tokenformer_dist.inference.hf.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,12 +5,12 @@
 
 Prints one row per layout (fastest first; those that cannot fit with a one-line reason), marks the fastest
 that fits, and ends with that layout as one JSON line. Exit 2: bad flags or config; 1: nothing fits.
-The model behind every column: tokenformer_dist/plan.py and docs/performance.md.
+The model behind every column: tokenformer_dist/planning/plan.py and docs/performance.md.
 """
 
 import sys
 
-from tokenformer_dist.plan import main
+from tokenformer_dist.planning.plan import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,8 @@ reduction issued inside its backward and step is recorded at the dispatcher (the
 whatever DeepSpeed calls them through). OUT/bf16_engine.json gets, per case, what rank 0 saw: the module's
 parameter dtypes, the dtypes of the parameters the torch optimizer updates (the master weights),
 DeepSpeed's optimizer class, `communication_data_type`, the gradient accumulation dtype, and the elements
-reduced per dtype. tests/test_bf16_engine.py compares them with what tokenformer_dist/ds_config.py promises.
+reduced per dtype. tests/test_bf16_engine.py compares them with what
+tokenformer_dist/distributed/deepspeed_config.py promises.
 
 A mutation rewrites the DeepSpeed config the trainer asks for (the bugs the test must catch):
   bf16_off:          "bf16": {"enabled": false} while the run's config says bf16;
@@ -27,9 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tests.dist_scripts.train_helpers import train_argv
-from tokenformer_dist import trainer
-from tokenformer_dist.parallel import destroy_distributed
-from tokenformer_dist.train import parse_args, resolve_config
+from tokenformer_dist.distributed.launch import destroy_distributed
+from tokenformer_dist.training import trainer
+from tokenformer_dist.training.cli import parse_args, resolve_config
 
 REDUCTIONS = {"allreduce_", "allreduce_coalesced_", "reduce_", "reduce_scatter_", "_reduce_scatter_base_",
               "reduce_scatter_tensor_coalesced_"}

@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from tokenformer_dist.checkpoint import checkpoint_tp, read_config, resolve_checkpoint
-from tokenformer_dist.evaluate import evaluate
-from tokenformer_dist.expand import expand_checkpoint
-from tokenformer_dist.growth import token_kind, with_counts
+from tokenformer_dist.checkpoint.engine import checkpoint_tp, read_config, resolve_checkpoint
+from tokenformer_dist.checkpoint.weights import load_weights
+from tokenformer_dist.distributed.launch import destroy_distributed, init_distributed
+from tokenformer_dist.growth.expand import expand_checkpoint
+from tokenformer_dist.growth.tokens import token_kind, with_counts
+from tokenformer_dist.inference.evaluate import evaluate
 from tokenformer_dist.model import TokenFormer, parallelize
-from tokenformer_dist.parallel import destroy_distributed, init_distributed
-from tokenformer_dist.weights import load_weights
 
 out, data, cases = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 dist.init_process_group("gloo")

@@ -19,11 +19,11 @@ from megatron.core import parallel_state
 
 from tests.dist import TINY_MODEL
 from tokenformer_dist.config import ModelConfig
+from tokenformer_dist.distributed.launch import destroy_distributed, init_distributed
+from tokenformer_dist.distributed.sharding import shard_range
 from tokenformer_dist.model import TokenFormer, parallelize
 from tokenformer_dist.model.lean import lean_pattention
 from tokenformer_dist.model.pattention import reference_pattention, set_impl
-from tokenformer_dist.parallel import destroy_distributed, init_distributed
-from tokenformer_dist.sharding import shard_range
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 out_dir = Path(sys.argv[1])

@@ -2,7 +2,7 @@
 a PYTHON wrapper in place of `python -m tokenformer_dist.train`:
 
     slurm_probe.py gpus   one JSON line: node, Slurm rank, LOCAL_RANK as the trainer derives it, the visible
-                          GPUs and the one the trainer's rule (parallel.device_index) picks; exit 0
+                          GPUs and the one the trainer's rule (launch.device_index) picks; exit 0
     slurm_probe.py usr1   ready at once (no torch import): exits 75 on SIGUSR1 or SIGTERM, as the trainer
                           does after its checkpoint; 0 after 600 s
 """
@@ -15,7 +15,7 @@ import time
 
 
 def gpus() -> int:
-    from tokenformer_dist.parallel import device_index, env_from_launcher
+    from tokenformer_dist.distributed.launch import device_index, env_from_launcher
 
     env_from_launcher()
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]

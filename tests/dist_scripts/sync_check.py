@@ -18,10 +18,10 @@ import warnings
 
 import torch
 
-from tokenformer_dist import trainer
 from tokenformer_dist.data import Prefetcher, WindowLoader
-from tokenformer_dist.parallel import destroy_distributed, init_distributed
-from tokenformer_dist.train import parse_args, resolve_config
+from tokenformer_dist.distributed.launch import destroy_distributed, init_distributed
+from tokenformer_dist.training import trainer
+from tokenformer_dist.training.cli import parse_args, resolve_config
 
 WARMUP, STEPS = 3, 5
 ALLOWED = ("deepspeed/runtime/utils.py", "is_invalid_grad_norm")

@@ -52,9 +52,9 @@ def single_device(rank: int) -> None:
 def tensor_parallel() -> None:
     from megatron.core import parallel_state
 
+    from tokenformer_dist.distributed.launch import destroy_distributed, init_distributed
     from tokenformer_dist.model import parallelize
     from tokenformer_dist.model.tensor_parallel import build_parallel_model
-    from tokenformer_dist.parallel import destroy_distributed, init_distributed
 
     def gathered(t: torch.Tensor, sharded: bool) -> torch.Tensor:
         if not sharded or parallel_state.get_tensor_model_parallel_world_size() == 1:

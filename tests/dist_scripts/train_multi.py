@@ -12,8 +12,8 @@ import sys
 from megatron.core import parallel_state
 
 from tokenformer_dist.config import ConfigError
-from tokenformer_dist.parallel import destroy_distributed
-from tokenformer_dist.train import parse_args, resolve_config, train
+from tokenformer_dist.distributed.launch import destroy_distributed
+from tokenformer_dist.training.cli import parse_args, resolve_config, train
 
 codes = []
 for argv in json.loads(sys.argv[1]):

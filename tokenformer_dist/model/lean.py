@@ -70,7 +70,7 @@ def _gelu_backward_(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    # the meta device (shape-only censuses, census.py) has no autocast to switch off
+    # the meta device (shape-only censuses, planning/census.py) has no autocast to switch off
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

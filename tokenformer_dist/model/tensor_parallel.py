@@ -33,10 +33,10 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from tokenformer_dist.config import ModelConfig
+from tokenformer_dist.distributed.sharding import is_tp_sharded, local_part, rule_for
 from tokenformer_dist.model.mappings import TensorParallelRegions
 from tokenformer_dist.model.pattention import Pattention
 from tokenformer_dist.model.tokenformer import TokenFormer
-from tokenformer_dist.sharding import is_tp_sharded, local_part, rule_for
 
 
 class MegatronRegions(TensorParallelRegions):

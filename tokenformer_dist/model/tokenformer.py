@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tokenformer_dist.config import ModelConfig
+from tokenformer_dist.distributed.sharding import full_shape, local_part
 from tokenformer_dist.model.attention import KVCache, PartitionedCausalAttention
 from tokenformer_dist.model.init import master_normal, value_init_std
 from tokenformer_dist.model.mappings import SINGLE_DEVICE, TensorParallelRegions
 from tokenformer_dist.model.pattention import Pattention
-from tokenformer_dist.sharding import full_shape, local_part
 
 
 class TokenFormerBlock(torch.nn.Module):

@@ -1,7 +1,7 @@
 """FLOP accounting and matched-compute comparisons of the progressive-scaling experiment.
 
-A run's training FLOPs after step k = k · tokens/step · metrics.flops_per_token(model) (3 × forward; the
-convention of tokenformer_dist.metrics). A ladder's cumulative FLOPs add its stages; a growth step (a few
+A run's training FLOPs after step k = k · tokens/step · flops.flops_per_token(model) (3 × forward; the
+convention of tokenformer_dist.training.metrics). A ladder's cumulative FLOPs add its stages; a growth step (a few
 seconds of CPU copying) costs no training FLOPs. Val curves are compared at equal cumulative FLOPs by linear
 interpolation in FLOPs between the trainer's eval points.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenformer_dist.config import Config
-from tokenformer_dist.metrics import flops_per_token
+from tokenformer_dist.model.flops import flops_per_token
 
 Curve = list[dict[str, Any]]  # points {"step", "tokens", "flops", "val_loss", ...}, in training order
 

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_layers": first.model.n_layers, "n_heads": first.model.n_heads, "seq_len": first.model.seq_len,
         "tokens_per_step": acc.tokens_per_step(first), "tp": ladder.tp, "jobs": ladder.jobs,
         "scale": ladder.budgets[args.budget].scale, "eval_batches": first.train.eval_batches,
-        "flops_convention": "training = 3 x forward, tokenformer_dist.metrics.flops_per_token",
+        "flops_convention": "training = 3 x forward, tokenformer_dist.model.flops.flops_per_token",
         "data_order": "data.seed = 100*seed + stage index: scratch and stage 1 share one order, no_growth and the "
                       "ladders' stage 2 another",
         "post_growth_bump": "first val loss of the grown stage - final val loss of the stage before"}

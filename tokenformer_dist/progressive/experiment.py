@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenformer_dist import checkpoint as ckpt_lib
 from tokenformer_dist.atomic import atomic_write_text
+from tokenformer_dist.checkpoint import engine as ckpt_lib
 from tokenformer_dist.config import Config, ConfigError, param_count
 from tokenformer_dist.progressive import accounting as acc
 from tokenformer_dist.progressive.ladder import GROW_ARMS, Ladder, resolve, run_overrides, scaled_steps, set_args

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenformer_dist.config import Config, ConfigError, load_config, read_yaml
-from tokenformer_dist.growth import KINDS
+from tokenformer_dist.growth.tokens import KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 GROW_ARMS = ("grow_exact", "grow_official")  # ladders; `init` of tools/expand_tokens.py is the suffix

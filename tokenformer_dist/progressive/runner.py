@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenformer_dist.net import free_port
+from tokenformer_dist.distributed.net import free_port
 from tokenformer_dist.progressive.ladder import KINDS, REPO
 
 

@@ -7,7 +7,7 @@
 Written by the expansion tool, and by the trainer inside each checkpoint (fp32 master weights, with
 meta.json instead of manifest.json), so that `--init-from`, evaluation and `checkpoint.iter_full_weights`
 read one format at any ZeRO stage. Which tensors are split over the rank files, and on which dim, is the
-sharding table (sharding.py); everything else is replicated in every rank file.
+sharding table (distributed/sharding.py); everything else is replicated in every rank file.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import torch
 from safetensors import safe_open
 
 from tokenformer_dist.atomic import atomic_dir
+from tokenformer_dist.checkpoint.safetensors_stream import StreamingSafetensorsWriter
 from tokenformer_dist.config import Config, config_yaml
-from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
-from tokenformer_dist.sharding import local_part
+from tokenformer_dist.distributed.sharding import local_part
 
 FORMAT = "tokenformer-dist-weights"
 MANIFEST = "manifest.json"
-META = "meta.json"  # a trainer checkpoint's metadata (checkpoint.py), which also records its TP degree
+META = "meta.json"  # a trainer checkpoint's metadata (engine.py), which also records its TP degree
 CONFIG = "config.yaml"
 
 

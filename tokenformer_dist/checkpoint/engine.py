@@ -38,10 +38,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tokenformer_dist import comm
 from tokenformer_dist.atomic import atomic_path, atomic_write_text
+from tokenformer_dist.checkpoint.weights import CONFIG, META, checkpoint_tp, is_weights_dir, load_weights, rank_file
 from tokenformer_dist.config import Config, config_yaml, load_config
-from tokenformer_dist.sharding import (
+from tokenformer_dist.distributed import comm
+from tokenformer_dist.distributed.sharding import (
     full_shape,
     is_tp_sharded,
     join_parts,
@@ -49,7 +50,6 @@ from tokenformer_dist.sharding import (
     universal_checkpoint_info,
     universal_restore_meta,
 )
-from tokenformer_dist.weights import CONFIG, META, checkpoint_tp, is_weights_dir, load_weights, rank_file
 
 LATEST = "latest"
 UNIVERSAL = "universal"

@@ -1,7 +1,7 @@
 """Growth: which parameter tokens a checkpoint gains, and the values of the new rows.
 
-Shared by the weights expansion (expand.py), the optimizer-state expansion (expand_optimizer.py) and the
-expansion CLI (expand_cli.py). Pure math on names, shapes and tensors: no files.
+Shared by the weights expansion (expand.py), the optimizer-state expansion (optimizer.py) and the
+expansion CLI (cli.py). Pure math on names, shapes and tensors: no files.
 
 Exact growth (default). For every Pattention with n_old → n_new tokens:
     new key rows   = 0            → their scores are 0, GeLU(0) = 0 and ‖A‖₂ is unchanged,

@@ -7,7 +7,7 @@ DIR/
     model.safetensors           full, unsharded fp32 weights under `model.` (tau buffers included), read from
                                 the checkpoint's per-TP-rank master weights: any TP degree, any ZeRO stage
     modeling_tokenformer.py, configuration_tokenformer.py, tokenization_tokenformer.py
-                                the package's transformers classes (tokenformer_dist/hf/), and
+                                the package's transformers classes (tokenformer_dist/inference/hf/), and
     tf_*.py                     the package's own model modules they import, copied with the imports made
                                 relative (one model definition: nothing is restated for the export)
     tokenizer.model, tokenizer_config.json   the dataset's sentencepiece model, encoded as data_prep does
@@ -32,8 +32,9 @@ import torch
 from tokenformer_dist.atomic import atomic_dir
 
 PACKAGE = "tokenformer_dist"
-ENTRY_MODULES = ("tokenformer_dist.hf.configuration_tokenformer", "tokenformer_dist.hf.modeling_tokenformer",
-                 "tokenformer_dist.hf.tokenization_tokenformer")
+HF_PACKAGE = __name__.rpartition(".")[0]  # tokenformer_dist.inference.hf: the transformers classes
+ENTRY_MODULES = tuple(f"{HF_PACKAGE}.{name}" for name in
+                      ("configuration_tokenformer", "modeling_tokenformer", "tokenization_tokenformer"))
 WEIGHT_PREFIX = "model."
 AUTO_MAP = {"AutoConfig": "configuration_tokenformer.TokenFormerConfig",
             "AutoModelForCausalLM": "modeling_tokenformer.TokenFormerForCausalLM"}
@@ -45,10 +46,9 @@ FORBIDDEN_IMPORTS = ("megatron", "deepspeed", "ray", "zarr")
 # ------------------------------------------------------------------------------------------------ sources
 def flat_name(module: str) -> str:
     """File name (without .py) of a package module inside the flat exported folder."""
-    parts = module.split(".")[1:]
-    if parts[0] == "hf":
-        return parts[-1]
-    return "tf_" + "_".join(parts)
+    if module.startswith(HF_PACKAGE + "."):
+        return module.rpartition(".")[2]
+    return "tf_" + "_".join(module.split(".")[1:])
 
 
 def _module_file(module: str) -> Path | None:
@@ -131,9 +131,9 @@ def write_full_weights(ckpt: Path, out_file: Path) -> int:
     """model.safetensors with full, unsharded fp32 tensors; returns the parameter count (tau excluded).
     Reads one tensor at a time from the per-TP-rank weight files (any TP degree, any ZeRO stage); parts split
     along dim 0 (the sharding table's dim for every sharded tensor today) are streamed without joining."""
-    from tokenformer_dist.checkpoint import iter_weight_blocks, weight_specs
-    from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
-    from tokenformer_dist.sharding import join_parts, rule_for
+    from tokenformer_dist.checkpoint.engine import iter_weight_blocks, weight_specs
+    from tokenformer_dist.checkpoint.safetensors_stream import StreamingSafetensorsWriter
+    from tokenformer_dist.distributed.sharding import join_parts, rule_for
 
     specs, params = [], 0
     for name, shape in weight_specs(ckpt):
@@ -154,9 +154,9 @@ def write_full_weights(ckpt: Path, out_file: Path) -> int:
 # ------------------------------------------------------------------------------------------------ export
 def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write the Hugging Face folder `out` (must not exist) for a run dir / checkpoint / weights dir."""
-    from tokenformer_dist.checkpoint import read_config, resolve_checkpoint
-    from tokenformer_dist.generate import find_tokenizer, load_sentencepiece
-    from tokenformer_dist.hf.configuration_tokenformer import MODEL_FIELDS, TokenFormerConfig
+    from tokenformer_dist.checkpoint.engine import read_config, resolve_checkpoint
+    from tokenformer_dist.inference.generate import find_tokenizer, load_sentencepiece
+    from tokenformer_dist.inference.hf.configuration_tokenformer import MODEL_FIELDS, TokenFormerConfig
 
     src = resolve_checkpoint(ckpt)
     cfg = read_config(src)

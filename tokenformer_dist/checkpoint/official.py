@@ -263,7 +263,7 @@ def _check_shapes(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: st
 def import_official(path: str | Path, out: str | Path, tp: int = 1, config: list[Path] | None = None) -> Path:
     """Convert an official checkpoint into a weights dir for `tp` ranks (usable by evaluate, generate,
     expand_tokens and --init-from). `out` appears only when complete."""
-    from tokenformer_dist.weights import write_sharded_weights
+    from tokenformer_dist.checkpoint.weights import write_sharded_weights
 
     mcfg, tensors = read_official(path, config)
     cfg = Config(model=mcfg, source=str(path))

@@ -24,7 +24,7 @@ from tokenformer_dist.config import Config
 
 
 def launch_world_size() -> int:
-    """Processes in this launch, read from the environment as parallel.env_from_launcher reads it (torchrun and
+    """Processes in this launch, read from the environment as launch.env_from_launcher reads it (torchrun and
     the deepspeed launcher set WORLD_SIZE, srun SLURM_NTASKS); 1 for a plain process."""
     env = os.environ
     if "WORLD_SIZE" in env:
@@ -62,7 +62,7 @@ def choose_tp(requested: int | None, checkpoint_tp: int, cfg: Config, world_size
 class Launch:
     device: torch.device
     tp_group: Any  # torch.distributed.ProcessGroup; None for one plain process
-    info: Any  # parallel.DistInfo; None for one plain process
+    info: Any  # launch.DistInfo; None for one plain process
 
     @property
     def is_main(self) -> bool:
@@ -75,7 +75,7 @@ def start(tp: int, cfg: Config) -> Launch:
         return Launch(torch.device("cuda" if torch.cuda.is_available() else "cpu"), None, None)
     from megatron.core import parallel_state
 
-    from tokenformer_dist.parallel import init_distributed
+    from tokenformer_dist.distributed.launch import init_distributed
 
     info = init_distributed(tp, cfg.parallel.dist_timeout_minutes, seed=cfg.train.seed)
     return Launch(info.device, parallel_state.get_tensor_model_parallel_group(), info)
@@ -83,7 +83,7 @@ def start(tp: int, cfg: Config) -> Launch:
 
 def finish(launch: Launch | None) -> None:
     if launch is not None and launch.info is not None:
-        from tokenformer_dist.parallel import destroy_distributed
+        from tokenformer_dist.distributed.launch import destroy_distributed
 
         destroy_distributed()
 
@@ -92,7 +92,7 @@ def load_model(ckpt: str | Path, device: torch.device | str = "cpu",
                tp_group: torch.distributed.ProcessGroup | None = None) -> torch.nn.Module:
     """The model of a run / checkpoint / weights dir, written at any TP degree, in eval mode: whole on one
     device (no process group needed), or this rank's part under `tp_group` (only that part is allocated)."""
-    from tokenformer_dist.checkpoint import load_weights_resharded, read_config, resolve_checkpoint
+    from tokenformer_dist.checkpoint.engine import load_weights_resharded, read_config, resolve_checkpoint
     from tokenformer_dist.model.tokenformer import TokenFormer
 
     path = resolve_checkpoint(ckpt)

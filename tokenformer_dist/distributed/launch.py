@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from tokenformer_dist import comm
-from tokenformer_dist.comm import LaunchError  # defined there: the ranks' agreement raises it too
-from tokenformer_dist.cpu_compat import apply_cpu_shims
-from tokenformer_dist.net import job_port
+from tokenformer_dist.distributed import comm
+from tokenformer_dist.distributed.comm import LaunchError  # defined there: the ranks' agreement raises it too
+from tokenformer_dist.distributed.cpu_compat import apply_cpu_shims
+from tokenformer_dist.distributed.net import job_port
 
 
 @dataclass(frozen=True)

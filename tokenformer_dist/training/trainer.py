@@ -1,6 +1,6 @@
 """The training loop: set-up (engine, resume), the step, logging, validation, checkpoints, preemption.
 
-`train(args, cfg)` is what `python -m tokenformer_dist.train` runs (tokenformer_dist/train.py is its CLI).
+`train(args, cfg)` is what `python -m tokenformer_dist.train` runs (training/cli.py is its command line).
 Host syncs: none inside a step; the logged loss is read on logging steps, the preemption flag every
 `train.preempt_check_every` steps, validation and checkpoints at their own intervals.
 """
@@ -21,17 +21,18 @@ import torch
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from tokenformer_dist import checkpoint as ckpt_lib
-from tokenformer_dist import comm
-from tokenformer_dist.allocator import tune_cpu_allocator
-from tokenformer_dist.cadence import startup_line
+from tokenformer_dist.checkpoint import engine as ckpt_lib
 from tokenformer_dist.config import Config, ConfigError, compile_on
-from tokenformer_dist.ds_config import deepspeed_config
-from tokenformer_dist.metrics import MetricsWriter, flops_per_token, peak_flops
-from tokenformer_dist.optim import build_optimizer
-from tokenformer_dist.parallel import DistInfo, ranks_per_node
-from tokenformer_dist.preemption import EXIT_PREEMPTED, Preemption
-from tokenformer_dist.schedule import lr_at
+from tokenformer_dist.distributed import comm
+from tokenformer_dist.distributed.deepspeed_config import deepspeed_config
+from tokenformer_dist.distributed.launch import DistInfo, ranks_per_node
+from tokenformer_dist.model.flops import flops_per_token
+from tokenformer_dist.planning.cadence import startup_line
+from tokenformer_dist.training.allocator import tune_cpu_allocator
+from tokenformer_dist.training.metrics import MetricsWriter, peak_flops
+from tokenformer_dist.training.optim import build_optimizer
+from tokenformer_dist.training.preemption import EXIT_PREEMPTED, Preemption
+from tokenformer_dist.training.schedule import lr_at
 
 
 def train_step(engine: Any, batches: Iterator[torch.Tensor], lr: float, grad_accum: int) -> torch.Tensor:
@@ -77,8 +78,8 @@ def build_engine(cfg: Config, info: DistInfo, bf16: bool, resume: Resume, init_f
     a checkpoint or --init-from, every weight is overwritten anyway."""
     import deepspeed
 
+    from tokenformer_dist.distributed.launch import DeepSpeedMPU
     from tokenformer_dist.model.tensor_parallel import build_parallel_model
-    from tokenformer_dist.parallel import DeepSpeedMPU
 
     on_gpu = info.device.type == "cuda"
     fresh = resume.meta is None and not init_from
@@ -220,9 +221,9 @@ def decide_has_val(cfg: Config) -> bool:
 def train(args: argparse.Namespace, cfg: Config, destroy: bool = True) -> int:
     """One training run. destroy=False keeps torch.distributed up (several runs in one launch, for tests)."""
     from tokenformer_dist.data import Prefetcher, TokenShards, WindowLoader, check_vocab
-    from tokenformer_dist.evaluate import evaluate
-    from tokenformer_dist.parallel import destroy_distributed, init_distributed
-    from tokenformer_dist.profiling import StepProfiler
+    from tokenformer_dist.distributed.launch import destroy_distributed, init_distributed
+    from tokenformer_dist.inference.evaluate import evaluate
+    from tokenformer_dist.training.profiling import StepProfiler
 
     t, m = cfg.train, cfg.model
     check_vocab(TokenShards(cfg.data.path, "train").vocab_size, m.vocab_size, cfg.data.path)

@@ -1,4 +1,4 @@
-"""megatron-core shims for CPU-only torch builds. Applied by `parallel.init_distributed` only when CUDA is absent.
+"""megatron-core shims for CPU-only torch builds. Applied by `launch.init_distributed` only when CUDA is absent.
 
 megatron-core allocates communication buffers and rotary frequencies on `torch.cuda.current_device()`,
 which raises "Torch not compiled with CUDA enabled" on a CPU build. Pointing it at the CPU device is the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from tokenformer_dist import comm
+from tokenformer_dist.distributed import comm
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job should be requeued
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tokenformer_dist.hf.configuration_tokenformer import TokenFormerConfig
+from tokenformer_dist.inference.hf.configuration_tokenformer import TokenFormerConfig
 from tokenformer_dist.model.attention import Rotary
 from tokenformer_dist.model.tokenformer import TokenFormer
 

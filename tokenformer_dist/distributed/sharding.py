@@ -7,9 +7,9 @@
 
 A sharded tensor is split along its dim into contiguous, equal blocks: rank r owns [r·n/tp, (r+1)·n/tp).
 Every consumer reads this table — the model's TP attributes and master init (model/tensor_parallel.py,
-model/tokenformer.py), the weights format and checkpoint reader (weights.py, checkpoint.py), DeepSpeed's
-universal-checkpoint patterns and per-parameter restore metadata, growth and resharding (expand.py,
-expand_optimizer.py). Kept free of megatron-core so that light tools import it quickly.
+model/tokenformer.py), the weights format and checkpoint reader (checkpoint/weights.py, checkpoint/engine.py),
+DeepSpeed's universal-checkpoint patterns and per-parameter restore metadata, growth and resharding (growth/expand.py,
+growth/optimizer.py). Kept free of megatron-core so that light tools import it quickly.
 """
 
 from __future__ import annotations

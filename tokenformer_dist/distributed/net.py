@@ -1,5 +1,5 @@
 """Local networking for launchers: a free TCP port for a torch.distributed rendezvous (or any local server),
-and the rendezvous port of a Slurm job (`job_port`: slurm/common.sh and parallel.env_from_launcher use it)."""
+and the rendezvous port of a Slurm job (`job_port`: slurm/common.sh and launch.env_from_launcher use it)."""
 
 from __future__ import annotations
 

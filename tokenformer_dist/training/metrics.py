@@ -1,13 +1,5 @@
-"""Training metrics: FLOPs per token, peak device FLOP/s, and the metrics.jsonl + TensorBoard writer.
-
-FLOP convention (used for MFU and for the progressive-scaling experiment's cumulative FLOPs):
-  forward per token = Σ over Pattentions 2·n·(d_in + d_out)   (X·Kᵀ and Θ(·)·V)
-                    + per layer 4·s·d                          (Q·Kᵀ and A·V, the FULL s×s square — the
-                                                                 PaLM/Megatron convention; causal masking is
-                                                                 not halved, so MFU is comparable to theirs)
-                    + 2·d·V                                    (tied output layer)
-  training = 3 × forward (backward = 2 × forward). Norms, softmax, rotary and the embedding lookup are free.
-"""
+"""Training metrics: peak device FLOP/s (for MFU, with model/flops.py's FLOPs per token) and the
+metrics.jsonl + TensorBoard writer."""
 
 from __future__ import annotations
 
@@ -18,25 +10,12 @@ from typing import Any
 import torch
 
 from tokenformer_dist.atomic import atomic_write_text
-from tokenformer_dist.config import ModelConfig, parameter_tokens_per_layer
 
 # Dense bf16 peak FLOP/s by device-name substring (first match wins), from the vendors' data sheets.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12),
     ("A100", 312e12), ("A10G", 70e12), ("L40S", 362e12), ("L4", 121e12), ("V100", 125e12),
 ]
-
-
-def forward_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
-    s, d = seq_len or m.seq_len, m.d_model
-    pattention = 2 * 2 * d * parameter_tokens_per_layer(m)  # 2·n·(d+d) each
-    attention = 4 * s * d
-    return float(m.n_layers * (pattention + attention) + 2 * d * m.vocab_size)
-
-
-def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward = 3 × forward); see the module docstring."""
-    return 3.0 * forward_flops_per_token(m, seq_len)
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -20,7 +20,7 @@ activations, the bucket, a block's backward buffers); the end of backward (all g
 embedding's gradient sum); the optimizer step.
 
 Step time = compute + exposed communication:
-  compute     matmul FLOPs (metrics.flops_per_token; + one forward with checkpointing) at an achievable
+  compute     matmul FLOPs (model/flops.py flops_per_token; + one forward with checkpointing) at an achievable
               fraction of the dense bf16 peak, plus the elementwise passes over [tokens, n] tensors that the
               lean Pattention makes (memory-bound: bytes at an achievable fraction of HBM bandwidth)
   TP comm     `tp_layer_comm_bytes` (the formula bench/bench_tp_comm.py verifies) over NVLink, in the
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from tokenformer_dist.config import Config, ModelConfig, parameter_tokens_per_layer
-from tokenformer_dist.metrics import flops_per_token, forward_flops_per_token
+from tokenformer_dist.model.flops import flops_per_token, forward_flops_per_token
 
 GB = 1e9
 DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
@@ -55,7 +55,7 @@ class Hardware:
 
     name: str
     memory: float  # bytes per device
-    peak_flops: float  # dense bf16 (metrics.PEAK_BF16_FLOPS); CPU: nominal fp32
+    peak_flops: float  # dense bf16 (training/metrics.py PEAK_BF16_FLOPS); CPU: nominal fp32
     matmul_efficiency: float  # achievable fraction of peak_flops for large matmuls
     hbm_bandwidth: float  # bytes/s
     hbm_efficiency: float  # achievable fraction for streaming elementwise kernels
@@ -148,13 +148,13 @@ class ZeroSettings:
 
 def zero_settings(cfg: Config, hw: Hardware, lay: Layout | None = None) -> ZeroSettings:
     """The DeepSpeed optimizer path of `cfg` (at layout `lay` when given) on `hw`, from the very dict
-    ds_config.deepspeed_config builds for the trainer, read with DeepSpeed 0.19.8's rules (engine.py
+    deepspeed_config.deepspeed_config builds for the trainer, read with DeepSpeed 0.19.8's rules (engine.py
     `_do_optimizer_sanity_check`, zero/stage_1_and_2.py, zero/stage3.py): `grad_accum_dtype` fp32 is honoured
     at ZeRO 1 (BF16_Optimizer) and 3, ignored at ZeRO 2 (the partition stays in the parameter dtype);
     `communication_data_type` is the reduction dtype at every stage; overlap_comm only on a GPU."""
     from dataclasses import replace
 
-    from tokenformer_dist.ds_config import deepspeed_config
+    from tokenformer_dist.distributed.deepspeed_config import deepspeed_config
 
     if lay is not None:
         cfg = replace(cfg, parallel=replace(cfg.parallel, tp=lay.tp, zero_stage=lay.zero_stage),
@@ -393,7 +393,7 @@ def _eager_ops(m: ModelConfig, micro_batch: int) -> tuple[int, int]:
     """census.eager_ops_per_layer, memoized (a meta-device census costs about a second)."""
     from dataclasses import astuple
 
-    from tokenformer_dist.census import eager_ops_per_layer
+    from tokenformer_dist.planning.census import eager_ops_per_layer
 
     key = (astuple(m), micro_batch)
     if key not in _EAGER_OPS:

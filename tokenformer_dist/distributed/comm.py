@@ -2,9 +2,9 @@
 collectives in model/mappings.py are the only other callers of torch.distributed collectives).
 
 Why one module: under NCCL a collective on a CPU tensor fails ("No backend type associated with device
-type cpu"). Every function here first moves its tensor to the compute device that `parallel.init_distributed`
+type cpu"). Every function here first moves its tensor to the compute device that `launch.init_distributed`
 registered (`set_device`), so the trainer, evaluation and checkpointing never hand NCCL a host tensor. On
-GPU every process group is NCCL only (parallel.init_distributed: no gloo mesh beside it), so a CPU tensor in
+GPU every process group is NCCL only (launch.init_distributed: no gloo mesh beside it), so a CPU tensor in
 a collective would fail there. tests/test_comm.py fails if a torch.distributed collective is called
 anywhere else in the package.
 
@@ -36,7 +36,7 @@ class LaunchError(ValueError):
 
 
 def set_device(device: torch.device) -> None:
-    """The device collectives run on (called once by parallel.init_distributed)."""
+    """The device collectives run on (called once by launch.init_distributed)."""
     global _device
     _device = torch.device(device)
 

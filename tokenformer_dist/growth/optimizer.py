@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from tokenformer_dist.checkpoint import LATEST, META, UNIVERSAL, convert_to_universal, read_meta, tag_for
+from tokenformer_dist.checkpoint.engine import LATEST, META, UNIVERSAL, convert_to_universal, read_meta, tag_for
+from tokenformer_dist.checkpoint.weights import CONFIG, rank_file
 from tokenformer_dist.config import Config, ConfigError, config_yaml
-from tokenformer_dist.growth import Growth
-from tokenformer_dist.weights import CONFIG, rank_file
+from tokenformer_dist.growth.tokens import Growth
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

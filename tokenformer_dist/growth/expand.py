@@ -1,7 +1,7 @@
 """Progressive scaling on disk: grow a checkpoint's parameter tokens and reshard it to another TP degree.
 
-What grows, and the new rows' values, is growth.py; which tensors are split over TP ranks is the sharding
-table (sharding.py). Tensors are streamed one at a time (read, grown, split, written), so memory stays about
+What grows, and the new rows' values, is tokens.py; which tensors are split over TP ranks is the sharding
+table (distributed/sharding.py). Tensors are streamed one at a time (read, grown, split, written), so memory stays about
 one full tensor; the output directory appears only when complete.
 """
 
@@ -21,13 +21,19 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from tokenformer_dist.atomic import atomic_dir
-from tokenformer_dist.checkpoint import checkpoint_tp, iter_weight_blocks, read_config, resolve_checkpoint, weight_specs
+from tokenformer_dist.checkpoint.engine import (
+    checkpoint_tp,
+    iter_weight_blocks,
+    read_config,
+    resolve_checkpoint,
+    weight_specs,
+)
+from tokenformer_dist.checkpoint.safetensors_stream import StreamingSafetensorsWriter
+from tokenformer_dist.checkpoint.weights import CONFIG, FORMAT, MANIFEST, rank_file
 from tokenformer_dist.config import Config, config_yaml, validate
-from tokenformer_dist.expand_optimizer import check_source, expand_optimizer_state
-from tokenformer_dist.growth import Growth
-from tokenformer_dist.safetensors_stream import StreamingSafetensorsWriter
-from tokenformer_dist.sharding import is_tp_sharded, local_shape, shard_range
-from tokenformer_dist.weights import CONFIG, FORMAT, MANIFEST, rank_file
+from tokenformer_dist.distributed.sharding import is_tp_sharded, local_shape, shard_range
+from tokenformer_dist.growth.optimizer import check_source, expand_optimizer_state
+from tokenformer_dist.growth.tokens import Growth
 
 T = TypeVar("T")
 
@@ -46,7 +52,7 @@ def rows_of(blocks: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
 def expand_checkpoint(src: str | Path, dst: str | Path, tp: int, target: Config, init: str = "exact",
                       seed: int = 0, progress: bool = True, keep_optimizer: bool = False) -> dict[str, Any]:
     """Write `dst`: the weights of `src` grown to `target`'s token counts, sharded for `tp` ranks (with
-    `keep_optimizer`, also a resumable universal checkpoint carrying the Adam moments; expand_optimizer.py).
+    `keep_optimizer`, also a resumable universal checkpoint carrying the Adam moments; optimizer.py).
 
     `dst` appears only when complete (written to a temporary directory next to it, then renamed).
     Returns the manifest written with it.
