@@ -26,6 +26,7 @@ from pattention_variants import make_variants, saved_bytes
 from tqdm import tqdm
 
 from tokenformer_dist.distributed.net import free_port
+from tokenformer_dist.training.metrics import host_memory_bytes, reset_peak_host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
@@ -33,15 +34,7 @@ VARIANTS = ("lean", "compiled", "reference", "official", "mlp")
 
 
 def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith(field + ":"))
-    return int(line.split()[1]) / 1024  # kB
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux ≥ 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    return host_memory_bytes(field) / 2**20
 
 
 def train_step_child(impl: str, ckpt: bool) -> None:
@@ -59,7 +52,7 @@ def train_step_child(impl: str, ckpt: bool) -> None:
     out = {"impl": impl, "ckpt": ckpt}
     for step in range(2):
         opt.zero_grad(set_to_none=True)
-        reset_peak()
+        reset_peak_host_memory()
         out["rss_before_step_mb"] = _status_mb("VmRSS")
         loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
         loss.backward()

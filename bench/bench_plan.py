@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,17 +66,6 @@ CASES = [
     Case("124m-tp1-z0-mb4-s512", "configs/owt_124m.yaml", tp=1, dp=1, micro_batch=4, zero_stage=0,
          checkpointing=False, overrides=("model.seq_len=512",)),
 ]
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
 
 
 def _allocation_peaks(prof) -> dict[str, int]:
@@ -125,6 +113,7 @@ def worker(case: Case, steps: int) -> None:
     from tokenformer_dist.distributed.launch import DeepSpeedMPU, destroy_distributed, init_distributed
     from tokenformer_dist.model import TokenFormer, parallelize
     from tokenformer_dist.training.allocator import tune_cpu_allocator
+    from tokenformer_dist.training.metrics import host_memory_bytes, reset_peak_host_memory
     from tokenformer_dist.training.optim import build_optimizer
 
     overrides = [*case.overrides, f"parallel.zero_stage={case.zero_stage}",
@@ -138,8 +127,8 @@ def worker(case: Case, steps: int) -> None:
     gen = torch.Generator().manual_seed(info.dp_rank)
     batches = [torch.randint(0, m.vocab_size, (case.micro_batch, m.seq_len + 1), generator=gen)
                for _ in range(steps)]
-    rss0 = _status_bytes("VmRSS")
-    _reset_peak_rss()
+    rss0 = host_memory_bytes("VmRSS")
+    reset_peak_host_memory()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("phase:build"):
             torch.manual_seed(cfg.train.seed)
@@ -156,7 +145,7 @@ def worker(case: Case, steps: int) -> None:
             with record_function(f"phase:opt{i}"):
                 engine.step()
             del loss
-    rss_peak = _status_bytes("VmHWM") - rss0
+    rss_peak = host_memory_bytes("VmHWM") - rss0
     result = {"rank": info.rank, "tp_rank": info.tp_rank, "dp_rank": info.dp_rank,
               "peaks": _allocation_peaks(prof), "rss_peak": rss_peak}
     print("RESULT " + json.dumps(result), flush=True)
@@ -164,9 +153,9 @@ def worker(case: Case, steps: int) -> None:
 
 
 def run_case(case: Case, steps: int) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tokenformer_dist.distributed.net import free_port
+
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(case.world), "--master_port",
            str(port), __file__, "--worker", case.name, "--steps", str(steps)]

@@ -5,7 +5,7 @@ every other rank waits) per GB of checkpoint, on this machine's CPU.
 
 Trains the config for one step (real trainer under torchrun, fp32 on CPU, ZeRO from the config, sequence
 length cut to 32 and micro-batch 1: the checkpoint has the full model and optimizer state) on a synthetic
-dataset, then runs `checkpoint.convert_to_universal` on the checkpoint (ds_to_universal with --workers
+dataset, then runs `checkpoint.engine.convert_to_universal` on the checkpoint (ds_to_universal with --workers
 extract and merge workers) and prints the DeepSpeed checkpoint's size, the universal checkpoint's size, the
 time and the seconds per GB of input. Needs ~12 GB of memory and ~3x the checkpoint size of disk at 354M.
 """

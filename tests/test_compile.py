@@ -22,6 +22,7 @@ import torch
 
 from tests.dist import REPO
 from tests.dist_scripts.train_helpers import MULTI, env, launch_runs, losses, metrics, train_argv
+from tests.numerics import rel
 from tests.test_lean_pattention import saved_bytes
 from tokenformer_dist.checkpoint import engine as ckpt_lib
 from tokenformer_dist.config import ModelConfig
@@ -63,10 +64,6 @@ def runs(sample_data, tmp_path_factory):
                           capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return root
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 def _train_records(run) -> list[dict]:

@@ -22,6 +22,7 @@ import torch
 
 from tests.dist import DIST_SCRIPTS, REPO, free_port
 from tests.dist_scripts.train_helpers import env, launch_runs, losses, metrics, torchrun_cmd, train_argv
+from tests.numerics import rel
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -32,10 +33,6 @@ LONG = 20  # the bf16-vs-fp32 runs: the loss moves by ~2.5 nats, > 10x the toler
 # trajectories part chaotically (0.14 at step 29) whatever the precision, so the runs stop at 20. A bf16 path
 # that is off (updates lost without fp32 master weights, gradients accumulated in bf16) lags by more.
 BF16_ATOL = 0.02
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,13 @@ import pytest
 import torch
 
 from tests.dist import DIST_SCRIPTS, torchrun
+from tests.numerics import rel
 from tokenformer_dist.config import ConfigError, ModelConfig, load_config
 from tokenformer_dist.model import TokenFormer
 from tokenformer_dist.model.lean import lean_pattention
 from tokenformer_dist.model.pattention import Pattention, reference_pattention, set_impl
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def run(fn, x, keys, values, grad, norm, **kw):

@@ -33,6 +33,7 @@ from tests.dist_scripts.train_helpers import (
     wait_for_step,
     worker_pids,
 )
+from tests.numerics import rel
 from tokenformer_dist.checkpoint import engine as ckpt_lib
 from tokenformer_dist.training.cli import EXIT_PREEMPTED
 
@@ -124,10 +125,6 @@ def _copy_checkpoint(src_run, dst_run, step: int) -> None:
     (dst_run / "checkpoints" / "latest").write_text(tag + "\n")
 
 
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
-
-
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_tp2_dp2_matches_tp1_dp2(runs, zero):
     ref, got = metrics(runs / "tp1"), metrics(runs / f"tp2_z{zero}")
@@ -167,7 +164,7 @@ def test_metrics_and_checkpoint_layout(runs):
 def test_resume_at_other_dp_size_via_universal(runs, src, dst, zero, dtype):
     """Steps 4-6 after resuming at DP 1 equal the DP-2 run's: fp32 within 1e-5 (as TP1 vs TP2), bf16 within
     1e-4 (its forward at micro-batch 8 instead of 4 rounds differently). ZeRO 3 also checks
-    checkpoint.load_engine_checkpoint's repairs (a shared Adam step counter: 5e-4 off at step 6; the
+    checkpoint.engine.load_engine_checkpoint's repairs (a shared Adam step counter: 5e-4 off at step 6; the
     no-decay group decayed: 3e-5) and the TP blocks of sharding.universal_restore_meta (without them the
     load fails)."""
     ref, got = losses(runs / src), losses(runs / dst)

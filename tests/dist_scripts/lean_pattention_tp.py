@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from tests.dist import TINY_MODEL
+from tests.numerics import rel
 from tokenformer_dist.config import ModelConfig
 from tokenformer_dist.distributed.launch import destroy_distributed, init_distributed
 from tokenformer_dist.distributed.sharding import shard_range
@@ -30,10 +31,6 @@ out_dir = Path(sys.argv[1])
 info = init_distributed(2)
 group = parallel_state.get_tensor_model_parallel_group()
 results: dict[str, float] = {}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def summed(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
     DIR/model_tp{rank:02d}.safetensors   rank's shard of every state_dict tensor (tau buffers included)
 
 Written by the expansion tool, and by the trainer inside each checkpoint (fp32 master weights, with
-meta.json instead of manifest.json), so that `--init-from`, evaluation and `checkpoint.iter_full_weights`
+meta.json instead of manifest.json), so that `--init-from`, evaluation and `engine.iter_full_weights`
 read one format at any ZeRO stage. Which tensors are split over the rank files, and on which dim, is the
 sharding table (distributed/sharding.py); everything else is replicated in every rank file.
 """

@@ -33,6 +33,11 @@ RULES: tuple[ShardRule, ...] = (
     ShardRule(r".*\.(?:key_tokens|value_tokens)", 0, "tokens"),
 )
 REPLICATED = ShardRule(r".*", None, "replicated")
+# Every sharded tensor is split along its rows: DeepSpeed's universal conversion merges TP slices along dim 0
+# only, and the streaming writers (expansion, HF export) write a tensor as its row blocks one after another.
+ROWS = 0
+if any(rule.dim != ROWS for rule in RULES):
+    raise AssertionError("sharding.RULES: every sharded tensor must be split along dim 0 (ROWS)")
 _COMPILED = tuple((re.compile(rule.pattern), rule) for rule in RULES)
 
 
@@ -95,7 +100,6 @@ def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
     DeepSpeed concatenates a slice along dim 0 unless a pattern says otherwise, which is every sharded
     rule's dim; "replicated" is every name that no sharded rule matches; the vocabulary rule is named.
     """
-    assert all(rule.dim == 0 for rule in RULES), "ds_to_universal merges TP slices along dim 0 only"
     sharded = "|".join(rule.pattern for rule in RULES)
     return {
         "universal_checkpoint_version": 0.2,
@@ -108,7 +112,7 @@ def universal_checkpoint_info(vocab_size: int) -> dict[str, Any]:
 
 def universal_restore_meta(name: str, part_shape: tuple[int, ...], size: int) -> dict[str, Any]:
     """Which block of a universal checkpoint's full tensor `name` this TP rank loads, in the form DeepSpeed
-    reads from a parameter's `ds_autotp_universal_checkpoint_meta` attribute (checkpoint.mark_universal_restore).
+    reads from a parameter's `ds_autotp_universal_checkpoint_meta` attribute (checkpoint.engine.mark_universal_restore).
 
     DeepSpeed 0.19.8's ZeRO-3 universal load cuts a TP shard out of the full tensor only by this metadata
     (runtime/zero/stage3.py `load_hp_checkpoint_state` -> checkpoint/universal_checkpoint.py

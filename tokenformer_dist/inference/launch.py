@@ -6,7 +6,7 @@ stage (both read the per-TP-rank fp32 master weights every checkpoint and weight
 
 Under a launcher the default TP is the largest degree that divides both N and the checkpoint's TP (so a
 checkpoint is read as written whenever N allows it). At any other degree the checkpoint is resharded as it is
-loaded: full tensors, one at a time, cut by the sharding table (checkpoint.load_weights_resharded).
+loaded: full tensors, one at a time, cut by the sharding table (checkpoint.engine.load_weights_resharded).
 Plain `python` imports no megatron-core and starts no process group: the model is plain torch.
 """
 

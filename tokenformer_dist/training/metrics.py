@@ -26,6 +26,19 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
+def host_memory_bytes(field: str = "VmRSS") -> int:
+    """One memory figure of this process from /proc/self/status (Linux): VmRSS now, VmHWM its peak."""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def reset_peak_host_memory() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 class MetricsWriter:
     """Rank-0 writer of RUN/metrics.jsonl (one JSON object per logged step) and RUN/tb (TensorBoard)."""
 

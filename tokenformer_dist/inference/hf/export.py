@@ -129,11 +129,10 @@ def source_closure(entries: tuple[str, ...] = ENTRY_MODULES) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ weights
 def write_full_weights(ckpt: Path, out_file: Path) -> int:
     """model.safetensors with full, unsharded fp32 tensors; returns the parameter count (tau excluded).
-    Reads one tensor at a time from the per-TP-rank weight files (any TP degree, any ZeRO stage); parts split
-    along dim 0 (the sharding table's dim for every sharded tensor today) are streamed without joining."""
+    Reads one tensor at a time from the per-TP-rank weight files (any TP degree, any ZeRO stage); a sharded
+    tensor's row blocks (sharding.ROWS) are streamed one after another, never joined in memory."""
     from tokenformer_dist.checkpoint.engine import iter_weight_blocks, weight_specs
     from tokenformer_dist.checkpoint.safetensors_stream import StreamingSafetensorsWriter
-    from tokenformer_dist.distributed.sharding import join_parts, rule_for
 
     specs, params = [], 0
     for name, shape in weight_specs(ckpt):
@@ -142,8 +141,7 @@ def write_full_weights(ckpt: Path, out_file: Path) -> int:
     writer = StreamingSafetensorsWriter(out_file, specs, metadata={"format": "pt"})
     try:
         for name, parts in iter_weight_blocks(ckpt):
-            whole = parts if rule_for(name).dim in (0, None) else [join_parts(name, parts)]
-            writer.write(WEIGHT_PREFIX + name, [p.float() for p in whole])
+            writer.write(WEIGHT_PREFIX + name, [p.float() for p in parts])
         writer.close()
     except BaseException:
         writer.abort()
