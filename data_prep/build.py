@@ -136,7 +136,7 @@ def _fingerprint(files: list[list[tuple[Path, str]]], det_args: dict) -> str:
 
 
 def _looks_like_ours(out: Path) -> bool:
-    return (out / "manifest.json").exists() or (out / ".build").exists() or not any(out.iterdir())
+    return (out / "manifest.json").exists() or shards_mod.build_dir(out).exists() or not any(out.iterdir())
 
 
 def prepare_output(out: Path, args, fingerprint: str) -> bool:
@@ -151,7 +151,7 @@ def prepare_output(out: Path, args, fingerprint: str) -> bool:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif args.resume:
             man = out / "manifest.json"
-            state = out / ".build" / "state.json"
+            state = shards_mod.build_dir(out) / "state.json"
             if man.exists():
                 old = json.loads(man.read_text()).get("run", {}).get("fingerprint")
                 if old != fingerprint:
@@ -159,7 +159,7 @@ def prepare_output(out: Path, args, fingerprint: str) -> bool:
                         f"{out} holds a dataset built from other inputs or arguments; "
                         "use --overwrite to rebuild it"
                     )
-                shutil.rmtree(out / ".build", ignore_errors=True)
+                shutil.rmtree(shards_mod.build_dir(out), ignore_errors=True)
                 return True
             if state.exists():
                 old = json.loads(state.read_text()).get("fingerprint")
@@ -175,10 +175,11 @@ def prepare_output(out: Path, args, fingerprint: str) -> bool:
                 f"output directory {out} is not empty: pass --resume to finish an interrupted "
                 "build or --overwrite to replace it"
             )
-    (out / ".build" / "parts").mkdir(parents=True, exist_ok=True)
-    for stale in (out / ".build" / "parts").glob(".*.tmp"):
+    parts = shards_mod.parts_dir(out)
+    parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob(".*.tmp"):
         stale.unlink()
-    atomic_write_bytes(out / ".build" / "state.json", json.dumps({"fingerprint": fingerprint}).encode())
+    atomic_write_bytes(shards_mod.build_dir(out) / "state.json", json.dumps({"fingerprint": fingerprint}).encode())
     return False
 
 
@@ -226,11 +227,11 @@ class BuildState:
 
     @property
     def build_dir(self) -> Path:
-        return self.out / ".build"
+        return shards_mod.build_dir(self.out)
 
     @property
     def parts_dir(self) -> Path:
-        return self.out / ".build" / "parts"
+        return shards_mod.parts_dir(self.out)
 
 
 def _resolve_inputs(args: argparse.Namespace, t0: float) -> BuildState | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import data_prep
 from data_prep.encode import process_unit
+from data_prep.shards import build_dir
 from data_prep.sources import DataError, Unit
 
 MB = 1 << 20
@@ -85,7 +86,7 @@ class RayRunner:
             # package is not installed (a plain checkout)
             pp = os.environ.get("PYTHONPATH")
             os.environ["PYTHONPATH"] = str(PACKAGE_DIR.parent) + (os.pathsep + pp if pp else "")
-            temp = (out / ".build" / "ray").resolve()
+            temp = (build_dir(out) / "ray").resolve()
             if len(str(temp)) > MAX_RAY_TEMP_LEN:
                 temp = Path(tempfile.mkdtemp(prefix="tfd-ray-", dir="/tmp"))
                 self.tmp_cleanup = temp

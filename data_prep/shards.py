@@ -22,6 +22,17 @@ import numpy as np
 
 CHUNK_TOKENS = 1 << 24  # 32 MiB per uint16 chunk file
 SPLITS = ("train", "val")
+BUILD_DIR = ".build"  # an unfinished build's scratch directory inside the output; removed once complete
+
+
+def build_dir(out: Path) -> Path:
+    """The scratch directory of a build into `out` (state.json, the tokenizer sample, parts, Ray's temp dir)."""
+    return out / BUILD_DIR
+
+
+def parts_dir(out: Path) -> Path:
+    """Where a build into `out` keeps its finished units (one `.npz` part each)."""
+    return build_dir(out) / "parts"
 
 
 def part_path(parts_dir: Path, key: str) -> Path:

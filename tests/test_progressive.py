@@ -235,7 +235,12 @@ def test_end_to_end_budget_test(sample_data, tmp_path):
     assert set(res["arms"]) == {"scratch", "no_growth", "grow_exact", "grow_official"}
     assert set(res["regime"]) >= {"scratch_final", "small_same_tokens_final", "ok"}
     assert proc.stdout.strip().splitlines()[-1] == res["headline"]
-    assert res["headline"] in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert res["headline"] in md
+    # the prose names the dataset by what it is (its manifest's facts); where it lay is in results.json only
+    assert res["settings"]["data"] == str(sample_data.resolve())
+    assert "Dataset: the sample corpus of data_prep/build.py" in md and "vocab 8192;" in md
+    assert str(sample_data.parent) not in md and str(sample_data.resolve().parent) not in md
 
     names = [s.name for s in ladder.stages]
     for seed in seeds:

@@ -32,6 +32,16 @@ def _manifest(data: Path) -> dict[str, Any]:
         raise ConfigError(f"--data {data}: not a dataset built by data_prep/build.py ({e})") from None
 
 
+def _dataset_facts(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the dataset is, from its manifest.json (data_prep/build.py), for the report to name it by: its
+    inputs by name (never by path), the text they held, its tokenizer."""
+    tok = manifest.get("tokenizer", {})
+    return {"sample": bool(manifest.get("sample")), "inputs": [Path(i["path"]).name for i in manifest["inputs"]],
+            "text_bytes": manifest.get("counts", {}).get("text_bytes"),
+            "tokenizer": tok.get("model_type") if tok.get("trained") else None,
+            "vocab_size": int(manifest["vocab_size"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="The progressive-scaling experiment in miniature: scratch, "
                                      "no_growth, grow_exact and grow_official at matched compute, over seeds.")
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     first = per_seed[0].cfg
     res["runs"] = [run_record(r) for r in per_seed]
     res["settings"] = {
-        "ladder_config": ladder.source, "data": str(data), "vocab_size": vocab,
+        "ladder_config": ladder.source, "data": str(data), "dataset": _dataset_facts(manifest), "vocab_size": vocab,
         "train_tokens_available": manifest["splits"]["train"]["tokens"], "d_model": first.model.d_model,
         "n_layers": first.model.n_layers, "n_heads": first.model.n_heads, "seq_len": first.model.seq_len,
         "tokens_per_step": acc.tokens_per_step(first), "tp": ladder.tp, "jobs": ladder.jobs,

@@ -76,12 +76,27 @@ def _fmt_tokens(t: dict[str, int]) -> str:
     return f"{t['qkv']}/{t['proj']}/{t['ffn']}"
 
 
+def dataset_prose(d: dict[str, Any], model_vocab: int) -> str:
+    """The dataset named by what it is (settings.dataset: its manifest's facts), never by where it lay."""
+    what = ("the sample corpus of data_prep/build.py (docstrings and documentation of the installed Python "
+            "packages)" if d["sample"] else " + ".join(d["inputs"]))
+    if d.get("text_bytes"):
+        mb = d["text_bytes"] / (1 << 20)  # data_prep's MB, as in --sample-mb
+        what += f", {mb:,.0f} MB of text" if mb >= 10 else f", {mb:.1f} MB of text"
+    tok = f"sentencepiece {d['tokenizer']} tokenizer trained on it" if d["tokenizer"] else \
+        "a given sentencepiece tokenizer"
+    vocab = f"vocab {d['vocab_size']}" + ("" if model_vocab == d["vocab_size"] else
+                                         f" (the model's {model_vocab}: padded to a multiple of TP)")
+    return f"{what}, {tok}, {vocab}"
+
+
 def markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = [f"# Progressive scaling in miniature (budget `{res['budget']}`, seeds {res['seeds']})", "",
              f"**{res['headline']}**", "",
-             f"Dataset `{s['data']}` (vocab {s['vocab_size']}, {s['train_tokens_available']:,} train tokens), "
-             f"d={s['d_model']}, layers={s['n_layers']}, seq={s['seq_len']}, {s['tokens_per_step']:,} tokens/step, "
+             f"Dataset: {dataset_prose(s['dataset'], s['vocab_size'])}; {s['train_tokens_available']:,} train "
+             f"tokens. Model d={s['d_model']}, layers={s['n_layers']}, seq={s['seq_len']}, "
+             f"{s['tokens_per_step']:,} tokens/step, "
              f"TP {s['tp']}, {s['jobs']} launches at a time. FLOPs = 3 × forward (metrics.flops_per_token); growth "
              "costs no training FLOPs. Arms are compared at equal cumulative FLOPs (linear interpolation of the val "
              "curves in FLOPs); intervals are two-sided 95% Student-t over seeds.", "",
