@@ -53,11 +53,8 @@ class TokenShards:
             )
         man_path = self.data_dir / "manifest.json"
         if not man_path.exists():
-            hint = (
-                " (an unfinished build? rerun it with --resume)"
-                if (self.data_dir / ".build").exists()
-                else ""
-            )
+            # the build writes manifest.json last: a non-empty directory without it may be an interrupted build
+            hint = " (an unfinished build? rerun it with --resume)" if any(self.data_dir.iterdir()) else ""
             raise DatasetError(f"{self.data_dir} is not a tokenformer-dist dataset: no manifest.json{hint}")
         man = _read_json(man_path, "dataset manifest")
         if man.get("format") != FORMAT:

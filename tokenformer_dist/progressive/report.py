@@ -97,7 +97,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"Dataset: {dataset_prose(s['dataset'], s['vocab_size'])}; {s['train_tokens_available']:,} train "
              f"tokens. Model d={s['d_model']}, layers={s['n_layers']}, seq={s['seq_len']}, "
              f"{s['tokens_per_step']:,} tokens/step, "
-             f"TP {s['tp']}, {s['jobs']} launches at a time. FLOPs = 3 × forward (metrics.flops_per_token); growth "
+             f"TP {s['tp']}, {s['jobs']} launches at a time. FLOPs = 3 × forward (model/flops.py); growth "
              "costs no training FLOPs. Arms are compared at equal cumulative FLOPs (linear interpolation of the val "
              "curves in FLOPs); intervals are two-sided 95% Student-t over seeds.", "",
              "## Runs (per seed)", "",
