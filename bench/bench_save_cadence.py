@@ -1,5 +1,5 @@
 """The checkpoint cadence and stop times of the OWT ladder's stages on their Slurm layout (8 nodes x 8 H100),
-as tokenformer_dist/cadence.py derives them from each config and the planner's step time (the figures in
+as tokenformer_dist/planning/cadence.py derives them from each config and the planner's step time (the figures in
 docs/slurm.md and docs/training.md).
 
     python bench/bench_save_cadence.py [--nodes 8] [--gpus-per-node 8] [--gpu h100] [--write-gbps 1]

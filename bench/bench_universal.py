@@ -39,6 +39,7 @@ def main() -> int:
     from tokenformer_dist.checkpoint import engine as ckpt_lib
     from tokenformer_dist.config import load_config, param_count
     from tokenformer_dist.data import write_synthetic_dataset
+    from tokenformer_dist.distributed.net import free_port
 
     cfg = load_config(REPO / args.config)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-universal-"))
@@ -50,7 +51,7 @@ def main() -> int:
         run = work / "run"
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_port", str(_free_port()), "-m", "tokenformer_dist.train", "--config", str(REPO / args.config),
+               "--master_port", str(free_port()), "-m", "tokenformer_dist.train", "--config", str(REPO / args.config),
                "--data", str(data), "--run-dir", str(run), "--steps", "1", "--set", "model.seq_len=32",
                "--set", "train.micro_batch_size=1", "--set", "train.grad_accum_steps=1", "--set",
                "train.eval_every=1000000", "--set", "parallel.dtype=fp32"]
@@ -78,12 +79,6 @@ def main() -> int:
     print(f"DeepSpeed checkpoint {gb:.2f} GB -> universal {uni_bytes / 1e9:.2f} GB in {convert_s:.1f} s with "
           f"{args.workers} extract/merge worker(s): {convert_s / gb:.1f} s per GB of checkpoint")
     return 0
-
-
-def _free_port() -> int:
-    from tokenformer_dist.distributed.net import free_port
-
-    return free_port()
 
 
 if __name__ == "__main__":

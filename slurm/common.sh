@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared body of slurm/pretrain_*.sh: check the allocation, start one trainer rank per GPU (one per task on
 # CPU nodes) with srun, rendezvous on the first node, and requeue the job when its time limit is near (the
-# warning's lead is derived from the config: tokenformer_dist/cadence.py). Sourced by a stage script that
+# warning's lead is derived from the config: tokenformer_dist/planning/cadence.py). Sourced by a stage script that
 # sets the CONFIG and RUN_DIR defaults; see docs/slurm.md.
 #
 # Environment (all optional; relative paths are relative to REPO):

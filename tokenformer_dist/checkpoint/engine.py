@@ -99,6 +99,13 @@ def _seen_within(sees: Callable[[], bool], wait_s: float) -> bool:
         time.sleep(0.2)
 
 
+def _require_seen_on_every_rank(sees: Callable[[], bool], problem: str) -> None:
+    """Collective: every rank polls `sees` for up to `fs_wait_s()`; if one never sees it, every rank stops with
+    a LaunchError naming that rank, its node and `problem`."""
+    wait_s = fs_wait_s()
+    comm.require_on_every_rank(lambda: None if _seen_within(sees, wait_s) else problem)
+
+
 def check_run_dir_shared(run_dir: str | Path) -> None:
     """Collective, at start-up: stop (LaunchError, one line naming the node and the path) unless every rank
     sees the run directory rank 0 sees. Rank 0 writes a fresh nonce into it; every rank must read that nonce
@@ -113,32 +120,21 @@ def check_run_dir_shared(run_dir: str | Path) -> None:
         return nonce, socket.gethostname()
 
     nonce, host0 = comm.decide_on_rank0(write_nonce)
-    wait_s = fs_wait_s()
-
-    def sees_nonce() -> str | None:
-        if _seen_within(lambda: (run_dir / SHARED_CHECK).read_text() == nonce, wait_s):
-            return None
-        return (f"--run-dir {run_dir} is not the directory rank 0 (node {host0}) uses: the file {SHARED_CHECK} "
-                f"rank 0 wrote there is not visible here after {wait_s:g} s; put the run directory on a "
-                f"filesystem that every node mounts at the same path")
-
     try:
-        comm.require_on_every_rank(sees_nonce)
+        _require_seen_on_every_rank(
+            lambda: (run_dir / SHARED_CHECK).read_text() == nonce,
+            f"--run-dir {run_dir} is not the directory rank 0 (node {host0}) uses: the file {SHARED_CHECK} rank 0 "
+            f"wrote there is not visible here after {fs_wait_s():g} s; put the run directory on a filesystem "
+            f"that every node mounts at the same path")
     finally:
         comm.decide_on_rank0(lambda: (run_dir / SHARED_CHECK).unlink(missing_ok=True))
 
 
 def require_checkpoint_visible(ckpt_dir: Path, meta: dict[str, Any]) -> None:
     """Collective: every rank must read the same meta.json in `ckpt_dir` that rank 0 read (else one line)."""
-    wait_s = fs_wait_s()
-
-    def sees_it() -> str | None:
-        if _seen_within(lambda: read_meta(ckpt_dir) == meta, wait_s):
-            return None
-        return (f"{ckpt_dir}: rank 0 resumes from this checkpoint, but its {META} is missing or differs here "
-                f"(a stale view of the run directory?)")
-
-    comm.require_on_every_rank(sees_it)
+    _require_seen_on_every_rank(lambda: read_meta(ckpt_dir) == meta,
+                                f"{ckpt_dir}: rank 0 resumes from this checkpoint, but its {META} is missing or "
+                                f"differs here (a stale view of the run directory?)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -404,9 +400,7 @@ def ensure_universal(ckpt_dir: Path) -> Path:
     has the conversion time per GB); a failed conversion stops every rank with rank 0's error."""
     out = ckpt_dir / UNIVERSAL
     comm.decide_on_rank0(lambda: out if out.is_dir() else convert_to_universal(ckpt_dir, out))
-    wait_s = fs_wait_s()
-    comm.require_on_every_rank(lambda: None if _seen_within(out.is_dir, wait_s) else
-                          f"{out}: the universal checkpoint rank 0 wrote is not visible here")
+    _require_seen_on_every_rank(out.is_dir, f"{out}: the universal checkpoint rank 0 wrote is not visible here")
     return out
 
 

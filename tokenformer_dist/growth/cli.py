@@ -84,4 +84,3 @@ def main(argv: list[str] | None = None) -> int:
               "expect a higher loss at the first step", file=sys.stderr)
     print(json.dumps(manifest))
     return 0
-

@@ -117,4 +117,3 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
     tp_launch.finish(launch)
     return 0
-

@@ -227,4 +227,3 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"text": completion, "tokens": out, "tokens_per_s": len(out) / max(seconds, 1e-9)}))
     tp_launch.finish(launch)
     return 0
-

@@ -174,4 +174,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stop signal -> exit: ~{c.exit_s:.0f} s (KillWait must be at least this); time-limit warning lead "
           f"{math.ceil(c.lead_s)} s")
     return 0
-

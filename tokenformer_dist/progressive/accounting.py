@@ -1,7 +1,7 @@
 """FLOP accounting and matched-compute comparisons of the progressive-scaling experiment.
 
 A run's training FLOPs after step k = k · tokens/step · flops.flops_per_token(model) (3 × forward; the
-convention of tokenformer_dist.training.metrics). A ladder's cumulative FLOPs add its stages; a growth step (a few
+convention of tokenformer_dist/model/flops.py). A ladder's cumulative FLOPs add its stages; a growth step (a few
 seconds of CPU copying) costs no training FLOPs. Val curves are compared at equal cumulative FLOPs by linear
 interpolation in FLOPs between the trainer's eval points.
 """

@@ -72,4 +72,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, CompileError) as e:  # DatasetError, launch.LaunchError: ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-
