@@ -141,6 +141,7 @@ def _looks_like_ours(out: Path) -> bool:
 
 def prepare_output(out: Path, args, fingerprint: str) -> bool:
     """Check/clear the output directory. Returns True if a complete identical dataset is already there."""
+    state = shards_mod.build_dir(out) / "state.json"  # the interrupted build's fingerprint
     if out.exists() and not out.is_dir():
         raise DataError(f"--output is not a directory: {out}")
     if out.exists() and any(out.iterdir()):
@@ -151,7 +152,6 @@ def prepare_output(out: Path, args, fingerprint: str) -> bool:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif args.resume:
             man = out / "manifest.json"
-            state = shards_mod.build_dir(out) / "state.json"
             if man.exists():
                 old = json.loads(man.read_text()).get("run", {}).get("fingerprint")
                 if old != fingerprint:
@@ -179,7 +179,7 @@ def prepare_output(out: Path, args, fingerprint: str) -> bool:
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob(".*.tmp"):
         stale.unlink()
-    atomic_write_bytes(shards_mod.build_dir(out) / "state.json", json.dumps({"fingerprint": fingerprint}).encode())
+    atomic_write_bytes(state, json.dumps({"fingerprint": fingerprint}).encode())
     return False
 
 

@@ -272,11 +272,15 @@ def parameter_tokens_per_layer(m: ModelConfig) -> int:
     return 3 * m.qkv_tokens + m.proj_tokens + m.ffn_tokens
 
 
+def pattention_params_per_layer(m: ModelConfig) -> int:
+    """One layer's Pattention parameters: n·(d_in + d_out) per Pattention, and every d_in, d_out is d_model."""
+    return 2 * m.d_model * parameter_tokens_per_layer(m)
+
+
 def param_count(m: ModelConfig) -> int:
-    """Exact parameter count: tied embedding, 5 Pattentions per layer (n*(d_in+d_out) each), final LayerNorm."""
+    """Exact parameter count: tied embedding, 5 Pattentions per layer, final LayerNorm."""
     d = m.d_model
-    per_layer = 2 * d * parameter_tokens_per_layer(m)
-    return m.vocab_size * d + m.n_layers * per_layer + 2 * d
+    return m.vocab_size * d + m.n_layers * pattention_params_per_layer(m) + 2 * d
 
 
 def non_embedding_param_count(m: ModelConfig) -> int:

@@ -13,12 +13,12 @@ experiment's accounting.
 
 from __future__ import annotations
 
-from tokenformer_dist.config import ModelConfig, parameter_tokens_per_layer
+from tokenformer_dist.config import ModelConfig, pattention_params_per_layer
 
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
     s, d = seq_len or m.seq_len, m.d_model
-    pattention = 2 * 2 * d * parameter_tokens_per_layer(m)  # 2·n·(d+d) each
+    pattention = 2 * pattention_params_per_layer(m)  # a multiply-add per parameter per token
     attention = 4 * s * d
     return float(m.n_layers * (pattention + attention) + 2 * d * m.vocab_size)
 

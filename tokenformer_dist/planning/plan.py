@@ -40,7 +40,7 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
-from tokenformer_dist.config import Config, ModelConfig, parameter_tokens_per_layer
+from tokenformer_dist.config import Config, ModelConfig, parameter_tokens_per_layer, pattention_params_per_layer
 from tokenformer_dist.model.flops import flops_per_token, forward_flops_per_token
 
 GB = 1e9
@@ -217,12 +217,11 @@ class Estimate:
 def params_per_rank(m: ModelConfig, tp: int) -> int:
     """Parameters one TP rank holds: every Pattention's n/tp token rows, V/tp embedding rows, the final LN."""
     d = m.d_model
-    per_layer = 2 * d * parameter_tokens_per_layer(m) // tp
-    return m.vocab_size // tp * d + m.n_layers * per_layer + 2 * d
+    return m.vocab_size // tp * d + m.n_layers * (pattention_params_per_layer(m) // tp) + 2 * d
 
 
 def largest_layer_params(m: ModelConfig, tp: int) -> int:
-    return max(2 * m.d_model * parameter_tokens_per_layer(m) // tp, m.vocab_size // tp * m.d_model)
+    return max(pattention_params_per_layer(m) // tp, m.vocab_size // tp * m.d_model)
 
 
 # ---- activations -----------------------------------------------------------------------------------------
