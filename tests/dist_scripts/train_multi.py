@@ -22,6 +22,8 @@ from tokenformer_dist.distributed.launch import destroy_distributed
 from tokenformer_dist.training.cli import parse_args, resolve_config, train
 
 report_dir = os.environ.get("TRAIN_MULTI_REPORT")
+if report_dir:
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
 outcomes: list[dict] = []
 for argv in json.loads(sys.argv[1]):
     args = parse_args(argv)
@@ -32,7 +34,6 @@ for argv in json.loads(sys.argv[1]):
         outcomes.append({"code": 2, "error": str(e)})
         parallel_state.destroy_model_parallel()  # train() does this on success; the next run may use another TP
     if report_dir:
-        Path(report_dir).mkdir(parents=True, exist_ok=True)
         Path(report_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(outcomes))
 destroy_distributed()
 sys.exit(max(outcome["code"] for outcome in outcomes))
